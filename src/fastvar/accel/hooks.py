@@ -1,0 +1,53 @@
+"""The hook points every backbone calls, and the identity implementation used when no plan is active.
+
+A backbone's scale loop calls ``begin`` / ``skip_scale`` / ``begin_scale`` / ``end_scale`` / ``end``;
+each transformer block wraps each of its residual branches in ``branch``::
+
+    x = x + hooks.branch(self.layer, "attn", x, lambda t, idx: self.attn(norm(t), rope_idx=idx) * gamma1)
+
+``fn(t, idx)`` must compute the branch *output that is added to the residual stream* (gain included)
+for the tokens ``t`` it is given. ``idx`` is ``None`` when every token of the current scale is
+forwarded, else a ``(B, n_kept)`` int64 tensor of the kept token positions within the scale, which a
+block uses to gather per-position tables (RoPE). ``fn`` must append keys/values only for the tokens it
+was given (pruned tokens never enter the KV cache).
+
+The identity hooks make every call a pass-through, so a model with no plan computes exactly what the
+official code computes, bit for bit. Policies (pruning, feature caching) subclass :class:`Hooks`;
+backbones never know which one is active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+BranchFn = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+class Hooks:
+    """Identity hooks (no acceleration)."""
+
+    active: bool = False
+
+    def begin(self, sizes: Sequence[tuple[int, int]], batch: int) -> None:
+        """Called once at the start of a generation with the scale sizes and the (CFG-doubled) batch."""
+
+    def skip_scale(self, si: int) -> bool:
+        """True if scale ``si`` must not be forwarded at all (no blocks, no sampling, no RNG draw)."""
+        return False
+
+    def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
+        """Called before the blocks run on the tokens of scale ``si`` of size ``hw``."""
+
+    def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
+        return fn(x, None)
+
+    def end_scale(self, si: int) -> None:
+        """Called after the blocks of scale ``si`` ran."""
+
+    def end(self) -> None:
+        """Called once at the end of a generation; policies drop their per-generation caches here."""
+
+
+IDENTITY = Hooks()

@@ -1,0 +1,1 @@
+"""fastvar.tokenizers."""
