@@ -1,1 +1,51 @@
-"""fastvar.accel."""
+"""The acceleration engine: plans (data), presets (named plans) and the hooks that execute them.
+
+Public API, in the spirit of tomesd::
+
+    hooks = fastvar.apply(model_or_pipeline, "fastvar")   # or an AccelPlan
+    ...generate...
+    fastvar.remove(model_or_pipeline)
+"""
+
+from __future__ import annotations
+
+from .hooks import IDENTITY, Hooks
+from .plan import AccelPlan, CacheConfig, PlanError, ResolvedPlan
+from .presets import PRESETS, get_preset, preset_for_model
+from .pruning import PlanHooks
+
+
+def _model_of(obj):
+    return getattr(obj, "model", obj)
+
+
+def make_hooks(model, plan: AccelPlan | str | None, record: bool = False) -> Hooks:
+    """Hooks executing ``plan`` on ``model`` (identity hooks for ``None`` / ``"none"``)."""
+    if plan is None or (isinstance(plan, str) and plan == "none"):
+        return IDENTITY
+    if isinstance(plan, str):
+        plan = preset_for_model(plan, model)
+    if plan.cache is not None:
+        from .caching import CachingHooks
+
+        return CachingHooks(plan, model.depth, record=record)
+    return PlanHooks(plan, model.depth, record=record)
+
+
+def apply(model_or_pipeline, plan: AccelPlan | str | None, record: bool = False) -> Hooks:
+    """Install ``plan`` on a model (or a pipeline's model); returns the active hooks."""
+    model = _model_of(model_or_pipeline)
+    hooks = make_hooks(model, plan, record=record)
+    model.hooks = hooks
+    return hooks
+
+
+def remove(model_or_pipeline) -> None:
+    """Back to the plain model: identity hooks, bit-identical to never having applied a plan."""
+    _model_of(model_or_pipeline).hooks = IDENTITY
+
+
+__all__ = [
+    "AccelPlan", "CacheConfig", "PlanError", "ResolvedPlan", "Hooks", "IDENTITY", "PlanHooks",
+    "PRESETS", "get_preset", "preset_for_model", "apply", "remove", "make_hooks",
+]

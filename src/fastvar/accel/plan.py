@@ -1,0 +1,231 @@
+"""Acceleration plans: plain data that says which tokens each (scale, layer, branch) forwards.
+
+A plan is written against scale *references* ("32" = the scale whose larger side is 32, "t576",
+"#8", "32x32") so one plan can be carried across schedules; it is resolved against a concrete schedule
+and depth at the start of every generation (Infinity changes schedule with the aspect ratio).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..schedules import Schedule
+
+INTERP_MODES = ("area", "nearest", "bilinear", "bicubic")
+BRANCHES = ("attn", "cross", "ffn")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message names the field and the fix."""
+
+
+@dataclass
+class CacheConfig:
+    """Feature caching (reuse a branch output computed at a cache stage at later skip stages).
+
+    ``threshold`` is compared with the cosine similarity recorded in calibration; ``adaptive_threshold``
+    replaces it per stage by mean - std of that stage's recorded similarities (clipped to [0, 1]), so a
+    stage whose layers are all similar reuses more than one with a few outliers.
+    """
+
+    skip_stages: tuple[str, ...] = ()
+    cache_stages: tuple[str, ...] = ()
+    enable_attn_cache: bool = True
+    enable_mlp_cache: bool = True
+    threshold: float = 0.9
+    adaptive_threshold: bool = False
+    interpolation_mode: str = "bilinear"
+    calibration: bool = False
+    sim_path: str | None = None
+
+    def validate(self) -> None:
+        if self.threshold < 0.0:
+            raise PlanError(f"cache threshold {self.threshold} is negative; use a cosine similarity in [0, 1]")
+        if self.interpolation_mode not in INTERP_MODES:
+            raise PlanError(
+                f"cache interpolation_mode {self.interpolation_mode!r} is unknown; choose one of {INTERP_MODES}"
+            )
+        if self.skip_stages and not self.cache_stages:
+            raise PlanError("cache skip_stages are set but cache_stages is empty; name the stage(s) to cache from")
+
+
+@dataclass
+class AccelPlan:
+    """Per-scale keep ratios, the layers and branches they apply to, and where restored tokens come from.
+
+    keep: scale ref -> fraction of that scale's tokens each pruned branch forwards (0 = skip the scale).
+    layers: half-open [start, end) block range where pruning applies (None = every block).
+    branches: which residual branches are pruned ("attn", "cross", "ffn"; absent ones are ignored).
+    cache_scale: the scale whose branch outputs fill pruned slots (None = the scale just before the
+        first pruned one).
+    interp: how the cached map is resized to the pruned scale.
+    skip: scales that are not forwarded at all.
+    strict: if False, refs that the current schedule lacks are ignored (presets use this so one preset
+        serves every resolution); if True they are an error.
+    """
+
+    name: str = "custom"
+    keep: dict[str, float] = field(default_factory=dict)
+    layers: tuple[int, int] | None = None
+    branches: tuple[str, ...] = BRANCHES
+    cache_scale: str | None = None
+    interp: str = "area"
+    skip: tuple[str, ...] = ()
+    strict: bool = True
+    cache: CacheConfig | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.keep = {str(k): float(v) for k, v in dict(self.keep).items()}
+        self.skip = tuple(str(s) for s in self.skip)
+        self.branches = tuple(self.branches)
+        if self.layers is not None:
+            self.layers = (int(self.layers[0]), int(self.layers[1]))
+        if self.cache_scale is not None:
+            self.cache_scale = str(self.cache_scale)
+        if isinstance(self.cache, dict):
+            c = dict(self.cache)
+            for k in ("skip_stages", "cache_stages"):
+                c[k] = tuple(str(s) for s in c.get(k, ()))
+            self.cache = CacheConfig(**c)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for k, v in self.keep.items():
+            if not 0.0 <= v <= 1.0:
+                raise PlanError(f"keep ratio for scale {k!r} is {v}; keep ratios must be in [0, 1] (0 skips the scale)")
+        if self.interp not in INTERP_MODES:
+            raise PlanError(f"interp {self.interp!r} is unknown; choose one of {INTERP_MODES}")
+        bad = [b for b in self.branches if b not in BRANCHES]
+        if bad:
+            raise PlanError(f"unknown branch(es) {bad}; branches are {BRANCHES}")
+        if self.layers is not None:
+            a, b = self.layers
+            if a < 0 or b <= a:
+                raise PlanError(f"layer range {self.layers} is empty or negative; give [start, end) with 0 <= start < end")
+        if self.cache is not None:
+            self.cache.validate()
+
+    @property
+    def is_identity(self) -> bool:
+        return all(v == 1.0 for v in self.keep.values()) and not self.skip and self.cache is None
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, schedule: Schedule, depth: int) -> ResolvedPlan:
+        def idx(ref: str) -> int | None:
+            try:
+                return schedule.resolve(ref)
+            except ValueError:
+                if self.strict:
+                    raise PlanError(f"plan {self.name!r}: " + str(_last_error(schedule, ref))) from None
+                return None
+
+        keep: dict[int, float] = {}
+        skip: set[int] = set()
+        for ref, ratio in self.keep.items():
+            si = idx(ref)
+            if si is None:
+                continue
+            if ratio == 0.0:
+                skip.add(si)
+            elif ratio < 1.0:
+                keep[si] = ratio
+        for ref in self.skip:
+            si = idx(ref)
+            if si is not None:
+                skip.add(si)
+        if 0 in skip:
+            raise PlanError(f"plan {self.name!r} skips the first scale; nothing would be generated")
+        layers = self.layers or (0, depth)
+        if layers[1] > depth and self.strict:
+            raise PlanError(
+                f"plan {self.name!r}: layer range {self.layers} is outside the model's depth {depth}; "
+                f"use an end <= {depth}"
+            )
+        layers = (min(layers[0], depth), min(layers[1], depth))
+        cache_si = None
+        if keep:
+            first = min(keep)
+            if self.cache_scale is not None:
+                cache_si = idx(self.cache_scale)
+            if cache_si is None:
+                cache_si = first - 1
+            if cache_si < 0 or cache_si >= first:
+                raise PlanError(
+                    f"plan {self.name!r} prunes scale {schedule[first]} but its cache scale "
+                    f"{schedule[cache_si] if 0 <= cache_si < len(schedule) else cache_si} does not come before it; "
+                    "prune only scales after the cache scale"
+                )
+            if cache_si in keep or cache_si in skip:
+                raise PlanError(
+                    f"plan {self.name!r}: the cache scale {schedule[cache_si]} is itself pruned or skipped; "
+                    "the cache must be a fully computed scale"
+                )
+        return ResolvedPlan(keep, frozenset(skip), range(*layers), frozenset(self.branches), cache_si, self.interp)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["branches"] = list(self.branches)
+        d["skip"] = list(self.skip)
+        if self.cache is not None:
+            d["cache"] = {**asdict(self.cache)}
+            d["cache"]["skip_stages"] = list(self.cache.skip_stages)
+            d["cache"]["cache_stages"] = list(self.cache.cache_stages)
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        s = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(s)
+        return s
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AccelPlan:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"unknown plan field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, src: str | Path) -> AccelPlan:
+        p = Path(src)
+        text = p.read_text() if p.suffix == ".json" or p.exists() else str(src)
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan file {src} is not valid JSON ({e}); see `fastvar plan --example`") from None
+
+
+def _last_error(schedule: Schedule, ref: str) -> str:
+    try:
+        schedule.resolve(ref)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    """A plan bound to one schedule and depth: scale indices instead of references."""
+
+    keep: dict[int, float]
+    skip: frozenset[int]
+    layers: range
+    branches: frozenset[str]
+    cache_si: int | None
+    interp: str
+
+    def n_keep(self, si: int, n_tokens: int) -> int:
+        """Tokens forwarded at a pruned scale: all minus ``int(n · (1 - keep))`` (FastVAR's rounding)."""
+        drop = int(n_tokens * (1.0 - self.keep[si]) + 1e-9)
+        return max(1, n_tokens - drop)
+
+    def prunes(self, si: int, layer: int, branch: str) -> bool:
+        return si in self.keep and layer in self.layers and branch in self.branches

@@ -1,0 +1,125 @@
+"""Per-generation statistics: tokens forwarded per scale and layer, estimated FLOPs, time, memory.
+
+FLOPs are estimated from the recorded token counts and the backbone's dimensions (2 FLOPs per
+multiply-add), split into attention (QKᵀ and AV) and linear layers, so a plan's predicted speedup can
+be compared with its measured one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Counts = dict[tuple[int, int, str], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class FlopDims:
+    """What the FLOP estimate needs to know about a backbone."""
+
+    width: int
+    ffn_hidden: int
+    ffn_mats: int = 2  # 2 for fc1/fc2, 3 for SwiGLU
+    vocab_out: int = 0  # head output width
+    cross_len: int = 0  # text tokens attended by cross-attention
+    prefix_kv: int = 0  # tokens in every KV cache before scale 0 (e.g. HART's text prefix)
+    branches: tuple[str, ...] = ("attn", "ffn")
+
+
+def dense_counts(sizes: Sequence[tuple[int, int]], depth: int, branches: Iterable[str], skip: Iterable[int] = ()) -> Counts:
+    """Counts of a generation that forwards every token (the no-plan baseline)."""
+    skip = set(skip)
+    out: Counts = {}
+    for si, (h, w) in enumerate(sizes):
+        if si in skip:
+            continue
+        for layer in range(depth):
+            for b in branches:
+                out[(si, layer, b)] = (h * w, h * w)
+    return out
+
+
+def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1) -> dict[str, float]:
+    C = dims.width
+    attn = lin = 0.0
+    kv: dict[int, int] = defaultdict(lambda: dims.prefix_kv)
+    for (si, layer, b) in sorted(counts, key=lambda k: (k[0], k[1])):
+        n = counts[(si, layer, b)][1]
+        if b == "attn":
+            kv[layer] += n
+            lin += 2 * n * C * 4 * C
+            attn += 4 * n * kv[layer] * C
+        elif b == "cross":
+            lin += 2 * n * C * 2 * C
+            attn += 4 * n * dims.cross_len * C
+        elif b == "ffn":
+            lin += 2 * n * C * dims.ffn_hidden * dims.ffn_mats
+    executed = {si for (si, _l, _b) in counts}
+    for si in executed:
+        h, w = sizes[si]
+        lin += 2 * h * w * C * dims.vocab_out
+    return {"attn_flops": attn * batch, "linear_flops": lin * batch, "total_flops": (attn + lin) * batch}
+
+
+def tokens_per_scale(counts: Counts) -> dict[int, dict[str, int]]:
+    out: dict[int, dict[str, int]] = defaultdict(lambda: {"in": 0, "computed": 0})
+    for (si, _l, _b), (n_in, n_c) in counts.items():
+        out[si]["in"] += n_in
+        out[si]["computed"] += n_c
+    return dict(sorted(out.items()))
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux), 0 where unavailable."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return current_rss_mb()
+
+
+def generation_stats(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int,
+                     scale_seconds: dict[int, float] | None = None, peak_mem_mb: float | None = None) -> dict:
+    """Everything a user asks after a generation, as one JSON-able dict."""
+    per_scale = tokens_per_scale(counts)
+    total_in = sum(v["in"] for v in per_scale.values())
+    total_c = sum(v["computed"] for v in per_scale.values())
+    return {
+        "sizes": [list(s) for s in sizes],
+        "tokens_per_scale": {str(k): v for k, v in per_scale.items()},
+        "tokens_per_scale_layer": {f"{si}/{layer}/{b}": list(v) for (si, layer, b), v in sorted(counts.items())},
+        "tokens_forwarded": total_c,
+        "tokens_total": total_in,
+        **estimate_flops(counts, sizes, dims, batch),
+        "scale_seconds": {str(k): v for k, v in (scale_seconds or {}).items()},
+        "peak_mem_mb": peak_mem_mb,
+    }
+
+
+def format_table(stats: dict) -> str:
+    """A small text table: scale, size, tokens in / computed, seconds."""
+    rows = ["scale  size      tokens_in  computed  ratio   seconds"]
+    secs = stats.get("scale_seconds", {})
+    for si, v in stats["tokens_per_scale"].items():
+        h, w = stats["sizes"][int(si)]
+        r = v["computed"] / max(v["in"], 1)
+        t = secs.get(si)
+        rows.append(f"{si:>5}  {h:>3}x{w:<4} {v['in']:>10} {v['computed']:>9}  {r:5.2f}  {'' if t is None else f'{t:8.3f}'}")
+    skipped = [str(i) for i in range(len(stats["sizes"])) if str(i) not in stats["tokens_per_scale"]]
+    if skipped:
+        rows.append(f"skipped scales: {', '.join(skipped)}")
+    rows.append(
+        f"GFLOPs: attention {stats['attn_flops'] / 1e9:.2f}, linear {stats['linear_flops'] / 1e9:.2f}, "
+        f"total {stats['total_flops'] / 1e9:.2f}"
+    )
+    return "\n".join(rows)

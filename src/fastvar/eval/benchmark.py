@@ -1,0 +1,99 @@
+"""Baseline vs plans in one run: same weights, same seeds, interleaved repeats after a warm-up.
+
+Interleaving (baseline, plan A, plan B, baseline, …) spreads machine noise evenly over the plans, so a
+speedup is a property of the plan rather than of when it ran. Timing covers the transformer (the
+decoder's cost does not depend on the plan); fidelity is measured on decoded images against the
+baseline's images from the same seed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..accel import AccelPlan
+
+
+def psnr_ssim(images: Tensor, ref: Tensor) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of images in [0, 1] against reference images (torchmetrics)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    images, ref = images.float().clamp(0, 1), ref.float().clamp(0, 1)
+    if torch.equal(images, ref):
+        return float("inf"), 1.0
+    psnr = float(peak_signal_noise_ratio(images, ref, data_range=1.0))
+    ssim = float(structural_similarity_index_measure(images, ref, data_range=1.0))
+    return psnr, ssim
+
+
+@dataclass
+class PlanRun:
+    name: str
+    plan: AccelPlan | str | None
+    seconds: list
+    stats: dict
+    images: Tensor | None = None
+
+
+def run_benchmark(
+    generate: Callable[[AccelPlan | str | None], object],
+    decode: Callable[[Tensor], Tensor],
+    plans: Sequence[tuple[str, AccelPlan | str | None]],
+    repeats: int = 3,
+    warmup: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """``generate(plan)`` returns a GenerationResult with ``latent``; the first plan is the baseline."""
+    runs = [PlanRun(n, p, [], {}) for n, p in plans]
+    for _ in range(warmup):
+        for r in runs:
+            generate(r.plan)
+    for rep in range(repeats):
+        for r in runs:
+            res = generate(r.plan)
+            r.seconds.append(res.seconds)
+            if rep == 0:
+                r.stats = res.stats
+                r.images = decode(res.latent)
+            if log:
+                log(f"repeat {rep + 1}/{repeats} {r.name}: {res.seconds:.3f}s")
+    base = runs[0]
+    base_t = statistics.median(base.seconds)
+    out = []
+    for r in runs:
+        t = statistics.median(r.seconds)
+        psnr, ssim = psnr_ssim(r.images, base.images)
+        flop_ratio = r.stats["total_flops"] / base.stats["total_flops"]
+        out.append({
+            "plan": r.name,
+            "seconds_median": t,
+            "seconds_all": r.seconds,
+            "seconds_spread": (max(r.seconds) - min(r.seconds)) if r.seconds else 0.0,
+            "speedup": base_t / t,
+            "token_ratio": r.stats["tokens_forwarded"] / base.stats["tokens_forwarded"],
+            "flop_ratio": flop_ratio,
+            "attn_flop_ratio": r.stats["attn_flops"] / max(base.stats["attn_flops"], 1.0),
+            "flop_predicted_speedup": 1.0 / flop_ratio,
+            "efficiency": (base_t / t) * flop_ratio,
+            "peak_mem_mb": r.stats.get("peak_mem_mb"),
+            "psnr": None if psnr == float("inf") else psnr,
+            "ssim": ssim,
+        })
+    return out
+
+
+def format_results(rows: list[dict]) -> str:
+    head = f"{'plan':<16}{'sec(med)':>10}{'speedup':>9}{'tokens':>8}{'FLOPs':>8}{'eff.':>7}{'PSNR':>8}{'SSIM':>7}{'peakMB':>9}"
+    lines = [head]
+    for r in rows:
+        psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        mem = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(
+            f"{r['plan']:<16}{r['seconds_median']:>10.3f}{r['speedup']:>9.2f}{r['token_ratio']:>8.3f}"
+            f"{r['flop_ratio']:>8.3f}{r['efficiency']:>7.2f}{psnr:>8}{r['ssim']:>7.3f}{mem:>9}"
+        )
+    return "\n".join(lines)
