@@ -99,3 +99,89 @@ def test_autoregressive_inference(case):
     img_atol = 2e-4 if smooth else 1e-4
     torch.testing.assert_close(trace["fhat"], f.t(f"{case}.output.fhat"), atol=img_atol, rtol=0)
     torch.testing.assert_close(img, f.t(f"{case}.output.img"), atol=img_atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- VQVAE
+VAE_TOL = dict(atol=1e-4, rtol=0)
+
+
+def build_quant10():
+    from fastvar.tokenizers.vqvae import MultiScaleVQ
+
+    f = fix()
+    sub = f.config["sub_models"]["quant10"]
+    kw = sub["constructor_kwargs"]
+    q = MultiScaleVQ(kw["vocab_size"], kw["Cvae"], kw["v_patch_nums"], kw["quant_resi"], kw["share_quant_resi"], kw["beta"])
+    q.load_state_dict(f.weights_with_prefix(sub["weights_prefix"]), strict=True)
+    return q.eval()
+
+
+def test_phi_index_per_scale_matches_fixture():
+    f = fix()
+    vae, q10 = build_vae(), build_quant10()
+    sn4 = len(vae.patch_nums)
+    assert [vae.quantize.quant_resi.index(si, sn4) for si in range(sn4)] == f.case("vqvae_encode")["phi_index_per_scale"]
+    meta = f.case("quant10_multiscale")
+    sn = len(meta["patch_nums"])
+    assert [q10.quant_resi.index(si, sn) for si in range(sn)] == meta["phi_index_per_scale"]
+
+
+def test_vqvae_encode():
+    f = fix()
+    vae = build_vae()
+    img = f.t("vqvae_encode.input.img")
+    with torch.inference_mode():
+        feat = vae.img_to_f(img)
+        idx = vae.img_to_idx(img)
+        fhats = vae.quantize.encode(feat, to_fhat=True)
+        recon = vae.img_to_reconstructed_img(img, last_one=True)
+    torch.testing.assert_close(feat, f.t("vqvae_encode.output.f"), **VAE_TOL)
+    for si, ref in enumerate(f.per_scale("vqvae_encode.output.idx")):
+        assert torch.equal(idx[si], ref), f"VQ codes differ at scale {si}"
+    for si, ref in enumerate(f.per_scale("vqvae_encode.output.fhat")):
+        torch.testing.assert_close(fhats[si], ref, **VAE_TOL)
+    torch.testing.assert_close(recon, f.t("vqvae_encode.output.recon_s3"), **VAE_TOL)
+
+
+def test_vqvae_decode():
+    f = fix()
+    vae = build_vae()
+    idx = f.per_scale("vqvae_decode.input.idx")
+    with torch.inference_mode():
+        imgs = vae.idx_to_img(idx, last_one=False)
+        last = vae.idx_to_img(idx, last_one=True)
+        fhat_last = vae.idx_to_fhat(idx, last_one=True)
+    torch.testing.assert_close(imgs[0], f.t("vqvae_decode.output.img_all_s0"), **VAE_TOL)
+    n = len(idx) - 1
+    torch.testing.assert_close(imgs[n], f.t(f"vqvae_decode.output.img_all_s{n}"), **VAE_TOL)
+    assert torch.equal(last, imgs[n])
+    torch.testing.assert_close(fhat_last, f.t("vqvae_decode.output.fhat_last"), **VAE_TOL)
+
+
+def test_quantizer_on_the_real_ten_scale_schedule():
+    f = fix()
+    meta = f.case("quant10_multiscale")
+    q = build_quant10()
+    feat = f.t("quant10_multiscale.input.f")
+    with torch.inference_mode():
+        idx = q.encode(feat)
+        fhats = q.encode(feat, to_fhat=True)
+        var_in = q.idx_to_var_input(idx)
+        B, C = feat.shape[:2]
+        ms_h = [q.embedding(i).transpose(1, 2).reshape(B, C, pn, pn) for i, pn in zip(idx, meta["patch_nums"])]
+        fhat_e = q.embed_to_fhat(ms_h, last_one=True)
+        # scale-by-scale inference steps give the teacher-forcing inputs exactly
+        f_hat = torch.zeros_like(feat)
+        nexts = []
+        for si, h in enumerate(ms_h):
+            f_hat, nxt = q.next_autoregressive_input(si, len(ms_h), f_hat, h)
+            if si < len(ms_h) - 1:
+                nexts.append(nxt.view(B, C, -1).transpose(1, 2))
+    for si, ref in enumerate(f.per_scale("quant10_multiscale.output.idx")):
+        assert torch.equal(idx[si], ref), f"VQ codes differ at scale {si}"
+    for si, ref in enumerate(f.per_scale("quant10_multiscale.output.fhat")):
+        torch.testing.assert_close(fhats[si], ref, **VAE_TOL)
+    torch.testing.assert_close(var_in, f.t("quant10_multiscale.output.var_input"), **VAE_TOL)
+    torch.testing.assert_close(fhat_e, f.t("quant10_multiscale.output.embed_to_fhat_last"), **VAE_TOL)
+    assert torch.equal(torch.cat(nexts, 1), var_in)
+    torch.testing.assert_close(f_hat, fhats[-1], atol=meta["checks"]["ar_fhat_vs_f_to_fhat"] * 2 + 1e-7, rtol=0)

@@ -8,6 +8,7 @@ and depth at the start of every generation (Infinity changes schedule with the a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,26 @@ class PlanError(ValueError):
     """A plan that cannot be applied; the message names the field and the fix."""
 
 
+_STAGE_REF = re.compile(r"^(#-?\d+|t?\d+|\d+x\d+)$")
+
+
 @dataclass
 class CacheConfig:
-    """Feature caching (reuse a branch output computed at a cache stage at later skip stages).
+    """Feature caching: reuse a branch output computed at a cache stage at later skip stages.
 
-    ``threshold`` is compared with the cosine similarity recorded in calibration; ``adaptive_threshold``
-    replaces it per stage by mean - std of that stage's recorded similarities (clipped to [0, 1]), so a
-    stage whose layers are all similar reuses more than one with a few outliers.
+    Stages: a plain number is a *token count* ("169" = the 13x13 stage; unlike pruning refs, where a
+    plain number is a side), "t169" the same, "#8" an index and "#-1" an index from the end (presets use
+    these so they fit every schedule), "13x13" a size. They are resolved against the schedule of every
+    generation; a ref the schedule lacks is an error.
+
+    Reuse rule (inference mode): a (layer, branch) reuses at a skip stage when the similarity recorded
+    for it in calibration is >= the stage's threshold. ``threshold`` must lie in [0, 1]; 1.0 is reserved
+    to mean "reuse nothing" (a float cosine similarity can round to 1.0, so "never" must not depend on
+    it), which is bit-identical to having no cache. ``adaptive_threshold`` lowers the threshold per
+    stage to min(threshold, clip(mean - std, 0, 1)) of that stage's recorded similarities: where every
+    layer is systematically less similar (late, large stages) the layers that are not low outliers
+    still reuse; it never raises the threshold, so it reuses a superset of the fixed rule.
+    "cross" branches (cross-attention) follow ``enable_attn_cache``.
     """
 
     skip_stages: tuple[str, ...] = ()
@@ -41,15 +55,77 @@ class CacheConfig:
     calibration: bool = False
     sim_path: str | None = None
 
+    def __post_init__(self) -> None:
+        self.skip_stages = tuple(str(s).strip() for s in self.skip_stages)
+        self.cache_stages = tuple(str(s).strip() for s in self.cache_stages)
+        self.threshold = float(self.threshold)
+        if self.sim_path is not None:
+            self.sim_path = str(self.sim_path)
+        self.validate()
+
     def validate(self) -> None:
-        if self.threshold < 0.0:
-            raise PlanError(f"cache threshold {self.threshold} is negative; use a cosine similarity in [0, 1]")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise PlanError(
+                f"cache threshold {self.threshold} is outside [0, 1]; it is compared with a cosine similarity "
+                "(use 1.0 to reuse nothing)"
+            )
         if self.interpolation_mode not in INTERP_MODES:
             raise PlanError(
                 f"cache interpolation_mode {self.interpolation_mode!r} is unknown; choose one of {INTERP_MODES}"
             )
+        bad = [s for s in self.skip_stages + self.cache_stages if not _STAGE_REF.match(s.lower())]
+        if bad:
+            raise PlanError(f"cache stage ref(s) {bad} are not understood; use a token count ('169'), 't169', "
+                            "an index ('#8', '#-1') or a size ('13x13')")
         if self.skip_stages and not self.cache_stages:
             raise PlanError("cache skip_stages are set but cache_stages is empty; name the stage(s) to cache from")
+
+    def resolve_stages(self, schedule: Schedule) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(cache stage indices, skip stage indices), sorted; every skip stage needs an earlier cache stage."""
+        cache = tuple(sorted({_stage_index(schedule, r) for r in self.cache_stages}))
+        skip = tuple(sorted({_stage_index(schedule, r) for r in self.skip_stages}))
+        for si in skip:
+            if not any(c < si for c in cache):
+                raise PlanError(
+                    f"cache skip stage {schedule[si][0] * schedule[si][1]} (index {si}) has no cache stage before "
+                    "it; a stage can only reuse an output cached at an earlier stage"
+                )
+        return cache, skip
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skip_stages"], d["cache_stages"] = list(self.skip_stages), list(self.cache_stages)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"unknown cache field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+def _stage_index(schedule: Schedule, ref: str) -> int:
+    k = str(ref).strip().lower()
+    n = len(schedule)
+    if k.startswith("#"):
+        i = int(k[1:])
+        i = i + n if i < 0 else i
+        if 0 <= i < n:
+            return i
+    elif "x" in k:
+        h, w = (int(v) for v in k.split("x"))
+        if (h, w) in schedule.sizes:
+            return schedule.sizes.index((h, w))
+    else:
+        t = int(k.lstrip("t"))
+        if t in schedule.token_counts:
+            return schedule.token_counts.index(t)
+    raise PlanError(
+        f"cache stage {ref!r} is not in this schedule (token counts {', '.join(map(str, schedule.token_counts))}); "
+        f"name a stage by token count (e.g. '{schedule.token_counts[-1]}'), index ('#{n - 1}', '#-1') or size"
+    )
 
 
 @dataclass
@@ -87,10 +163,7 @@ class AccelPlan:
         if self.cache_scale is not None:
             self.cache_scale = str(self.cache_scale)
         if isinstance(self.cache, dict):
-            c = dict(self.cache)
-            for k in ("skip_stages", "cache_stages"):
-                c[k] = tuple(str(s) for s in c.get(k, ()))
-            self.cache = CacheConfig(**c)
+            self.cache = CacheConfig.from_dict(self.cache)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -174,9 +247,7 @@ class AccelPlan:
         d["branches"] = list(self.branches)
         d["skip"] = list(self.skip)
         if self.cache is not None:
-            d["cache"] = {**asdict(self.cache)}
-            d["cache"]["skip_stages"] = list(self.cache.skip_stages)
-            d["cache"]["cache_stages"] = list(self.cache.cache_stages)
+            d["cache"] = self.cache.to_dict()
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -195,12 +266,17 @@ class AccelPlan:
 
     @classmethod
     def from_json(cls, src: str | Path) -> AccelPlan:
-        p = Path(src)
-        text = p.read_text() if p.suffix == ".json" or p.exists() else str(src)
+        if isinstance(src, str) and src.lstrip().startswith("{"):
+            text = src
+        else:
+            p = Path(src)
+            if not p.is_file():
+                raise PlanError(f"plan file {src} does not exist; write one with `fastvar plan fastvar > plan.json`")
+            text = p.read_text()
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
-            raise PlanError(f"plan file {src} is not valid JSON ({e}); see `fastvar plan --example`") from None
+            raise PlanError(f"plan file {src} is not valid JSON ({e}); start from `fastvar plan fastvar`") from None
 
 
 def _last_error(schedule: Schedule, ref: str) -> str:

@@ -2,7 +2,8 @@
 same name means the same *intent* on every backbone and resolution.
 
 Intent of each name:
-- ``none``: identity (everything forwarded); the reference for every comparison.
+- ``none``: no plan (everything forwarded); the reference for every comparison.
+- ``identity``: the engine's hooks run and record, but keep every token; measures the engine's overhead.
 - ``fastvar``: the published settings. Infinity 1024²: keep 60 % at 32², 50 % at 40², skip 48² and 64²,
   layers 3–27. HART 1024²: keep 50 % at 48², 25 % at 64², every layer. VAR (our analogue, the paper
   has no VAR row): prune the two largest scales (60 % / 50 %), caching the third largest, in the middle
@@ -84,11 +85,16 @@ def _skip_last(family: str, last_side: int, depth: int) -> AccelPlan:
 
 
 def _none(family: str, last_side: int, depth: int) -> AccelPlan:
-    return AccelPlan(name="none", description="identity")
+    return AccelPlan(name="none", description="no plan: the official computation")
+
+
+def _identity(family: str, last_side: int, depth: int) -> AccelPlan:
+    return AccelPlan(name="identity", description="the engine's hooks active but keeping everything (overhead check)")
 
 
 PRESETS: dict[str, Callable[[str, int, int], AccelPlan]] = {
     "none": _none,
+    "identity": _identity,
     "fastvar": _fastvar,
     "fastvar-mild": _mild,
     "fastvar-strong": _strong,
