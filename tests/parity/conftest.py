@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,7 @@ class Fixture:
         }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_fixture(model: str) -> Fixture:
     root = parity_dir() / model
     tiny = root / "tiny"

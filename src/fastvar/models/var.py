@@ -235,6 +235,17 @@ class VAR(nn.Module):
         return FlopDims(width=self.C, ffn_hidden=self.blocks[0].ffn.fc1.out_features, ffn_mats=2,
                         vocab_out=self.V, branches=("attn", "ffn"))
 
+    def set_cache_config(self, cfg, record: bool = False):
+        """Feature caching at runtime (CacheConfig, preset name or None); see fastvar.accel.caching."""
+        from ..accel.caching import set_cache_config
+
+        return set_cache_config(self, cfg, record)
+
+    def get_cache_statistics(self) -> dict:
+        from ..accel.caching import get_cache_statistics
+
+        return get_cache_statistics(self)
+
     def _set_kv_cache(self, on: bool) -> None:
         for blk in self.blocks:
             blk.attn.kv_cache = KVCache() if on else None

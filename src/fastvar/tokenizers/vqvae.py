@@ -112,7 +112,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
-        for i, level in enumerate(self.down):
+        for level in self.down:
             for j, blk in enumerate(level.block):
                 h = blk(h)
                 if len(level.attn):
