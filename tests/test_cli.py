@@ -1,0 +1,91 @@
+"""The command line: help, clear errors before any work, nothing half-written, checkpoint diagnostics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastvar.checkpoints import CheckpointError, load_checked, resolve_file
+from fastvar.cli import main
+from fastvar.models.var import VAR
+from fastvar.pipelines.var import _guess_var
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("generate", "bench", "plan", "models"):
+        assert cmd in out
+
+
+def test_unknown_model_lists_known_ones(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "--model", "var-d17", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'var-d17'" in err and "var-d16" in err
+    assert not out.exists()
+
+
+def test_class_out_of_range_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "--model", "var-d16", "--classes", "3", "1000", "--out", str(out)]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_preset_and_missing_plan_file(tmp_path, capsys):
+    assert main(["generate", "--preset", "turbo", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["generate", "--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_local_weights_fail_before_writing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "--weights", str(tmp_path / "var_d16.pth"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_hub_id_offline_fails_fast_with_local_path_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises((ConnectionError, ImportError), match="local"):
+        resolve_file("FoundationVision/var:var_d16.pth")
+
+
+def test_checkpoint_of_other_depth_is_explained():
+    small = VAR(vocab_size=16, cvae=4, num_classes=3, depth=2, embed_dim=32, num_heads=2, patch_nums=(1, 2))
+    other = VAR(vocab_size=16, cvae=4, num_classes=3, depth=3, embed_dim=32, num_heads=2, patch_nums=(1, 2))
+    with pytest.raises(CheckpointError) as e:
+        load_checked(small, other.state_dict(), "var-d2", _guess_var)
+    msg = str(e.value)
+    assert "unexpected key" in msg and "blocks.2" in msg and "depth 3" in msg
+    wide = VAR(vocab_size=16, cvae=4, num_classes=3, depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checked(small, wide.state_dict(), "var-d2", _guess_var)
+
+
+def test_plan_command_prints_valid_json(capsys):
+    assert main(["plan", "fastvar", "--family", "infinity"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["keep"] == {"32": 0.6, "40": 0.5} and plan["skip"] == ["48", "64"]
+
+
+def test_models_command(capsys):
+    assert main(["models"]) == 0
+    assert "var-d36" in capsys.readouterr().out
+
+
+def test_read_state_dict_weights_only(tmp_path):
+    from fastvar.checkpoints import read_state_dict
+
+    p = tmp_path / "m.pth"
+    torch.save({"a": torch.ones(2)}, p)
+    assert torch.equal(read_state_dict(p)["a"], torch.ones(2))
+    torch.save({"a": object()}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError):
+        read_state_dict(tmp_path / "bad.pth")
