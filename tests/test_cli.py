@@ -47,7 +47,7 @@ def test_unknown_preset_and_missing_plan_file(tmp_path, capsys):
 
 def test_missing_local_weights_fail_before_writing(tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["generate", "--weights", str(tmp_path / "var_d16.pth"), "--out", str(out)]) == 2
+    assert main(["generate", "--model", "var-d16", "--weights", str(tmp_path / "var_d16.pth"), "--out", str(out)]) == 2
     assert not out.exists()
 
 

@@ -91,7 +91,7 @@ def cmd_generate(args) -> int:
     spec = _spec_for(args)
     plan = _load_plan(args)
     if spec.family == "var":
-        classes = list(args.classes) if args.classes else list(range(min(spec.config["num_classes"], 8)))
+        classes = list(args.classes) if args.classes else list(range(min(spec.config["num_classes"], 10)))
         n_cls = spec.config["num_classes"]
         bad = [c for c in classes if not 0 <= c < n_cls]
         if bad:
@@ -207,6 +207,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_check_embedded(args) -> int:
+    from .pipelines.common import atomic_write_text
+    from .train.check import check_embedded
+
+    if args.samples <= 0:
+        raise CLIError("--samples must be positive")
+    res = check_embedded(samples=args.samples, seed=args.seed, device=args.device or "cpu")
+    print(f"accuracy {res['accuracy']:.3f} (gate 0.90) | recon PSNR {res['recon_psnr']:.2f} dB (gate 24) | "
+          f"{'PASSED' if res['passed'] else 'FAILED'}")
+    if args.json:
+        atomic_write_text(json.dumps(res, indent=2, default=str), Path(args.json))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models.registry import MODELS
 
@@ -222,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="command")
 
     g = sub.add_parser("generate", help="generate images (class ids for VAR)")
-    _add_model_args(g, default_model="var-d16")
+    _add_model_args(g, default_model="embedded")
     _add_plan_args(g)
     g.add_argument("--classes", type=int, nargs="+", default=None)
     g.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=None)
@@ -258,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--depth", type=int, default=16)
     pl.add_argument("--list", action="store_true")
     pl.set_defaults(func=cmd_plan)
+
+    ce = sub.add_parser("check-embedded", help="quality gates of the embedded model (checker accuracy, recon PSNR)")
+    ce.add_argument("--samples", type=int, default=100)
+    ce.add_argument("--seed", type=int, default=0)
+    ce.add_argument("--device", default=None)
+    ce.add_argument("--json", default=None)
+    ce.set_defaults(func=cmd_check_embedded)
 
     m = sub.add_parser("models", help="list known model names")
     m.set_defaults(func=cmd_models)

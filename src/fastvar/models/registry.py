@@ -35,6 +35,8 @@ VAE_VAR_CONFIG = dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in [_var(16, 256), _var(20, 256), _var(24, 256), _var(30, 256), _var(36, 512)]}
 MODELS["var"] = MODELS["var-d16"]
+# The small VQVAE + VAR trained on the procedural dataset and shipped inside the package (offline default).
+MODELS["embedded"] = ModelSpec(name="embedded", family="var", config=dict(num_classes=10), resolution=128)
 
 
 def get_spec(name: str) -> ModelSpec:

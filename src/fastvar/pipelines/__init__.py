@@ -10,6 +10,10 @@ def load_pipeline(spec: ModelSpec, weights=None, vae_weights=None, random_init=F
     if spec.family == "var":
         from .var import VARPipeline
 
+        if spec.name == "embedded":
+            if weights or vae_weights or random_init:
+                raise ValueError("the embedded model ships its own weights; drop --weights/--vae-weights/--random-init")
+            return VARPipeline.embedded(device=device, dtype=dtype)
         if random_init:
             return VARPipeline.from_spec(spec, device=device, dtype=dtype)
         return VARPipeline.from_pretrained(spec.name, weights, vae_weights, device=device, dtype=dtype, spec=spec)

@@ -56,6 +56,23 @@ class VARPipeline:
         return pipe
 
     @classmethod
+    def embedded(cls, device=None, dtype="fp32") -> VARPipeline:
+        """The small model trained on the procedural dataset, shipped inside the package (no download)."""
+        from ..train.embedded import EmbeddedModelMissing, load_embedded
+
+        device = torch.device(device) if device is not None else default_device()
+        try:
+            model, vae, cfg = load_embedded(device)
+        except EmbeddedModelMissing as e:
+            raise FileNotFoundError(
+                f"{e}. This install has no embedded model; use an official model instead, e.g. "
+                "--model var-d16 --weights var_d16.pth --vae-weights vae_ch160v4096z32.pth"
+            ) from None
+        pipe = cls(model, vae, "embedded", defaults=cfg.get("sampling"))
+        pipe.dtype = resolve_dtype(dtype)
+        return pipe
+
+    @classmethod
     def random_init(cls, name: str = "var-d16", device=None, dtype="fp32", seed: int = 0) -> VARPipeline:
         """Full-size architecture with random weights: for speed measurements without checkpoints."""
         return cls.from_spec(get_spec(name), device, dtype, seed)
