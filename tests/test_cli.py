@@ -89,3 +89,20 @@ def test_read_state_dict_weights_only(tmp_path):
     torch.save({"a": object()}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError):
         read_state_dict(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--cache-preset", "bogus"], "unknown cache preset"),
+        (["--cache-threshold", "1.5"], "outside"),
+        (["--use-cache", "--sim-path", "/nonexistent/sim.json"], "does not exist"),
+        (["--model", "var-d16", "--cache-skip-stages", "999"], "999"),
+        (["--calibration"], "--sim-path"),
+    ],
+)
+def test_bad_cache_flags_fail_before_loading(flags, match, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", *flags, "--out", str(out)]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()

@@ -58,6 +58,51 @@ def _load_plan(args):
     return None
 
 
+def _cache_config(args):
+    """A CacheConfig from the caching flags (None when caching is not asked for); validated here, before
+    any model is loaded."""
+    from dataclasses import replace
+
+    from .accel import PlanError
+    from .accel.cache_presets import CACHE_PRESETS, get_cache_preset
+
+    preset = args.cache_preset or ("original" if args.use_cache or args.calibration else None)
+    custom = any(v is not None for v in (args.cache_skip_stages, args.cache_cache_stages, args.cache_threshold))
+    if preset is None and not custom:
+        if args.sim_path:
+            raise CLIError("--sim-path is only used with caching; add --cache-preset or --use-cache")
+        return None
+    if preset is not None and preset not in CACHE_PRESETS:
+        raise CLIError(f"unknown cache preset {preset!r}; known: {', '.join(sorted(CACHE_PRESETS))}")
+    try:
+        cfg = get_cache_preset(preset or "original")
+        over = {}
+        if args.cache_skip_stages is not None:
+            over["skip_stages"] = tuple(args.cache_skip_stages)
+        if args.cache_cache_stages is not None:
+            over["cache_stages"] = tuple(args.cache_cache_stages)
+        thr = args.cache_threshold if args.cache_threshold is not None else args.threshold
+        if thr is not None:
+            if not 0.0 <= thr <= 1.0:
+                raise CLIError(f"cache threshold {thr} is outside [0, 1] (1.0 reuses nothing)")
+            over["threshold"] = thr
+        for flag, field in (("cache_attn", "enable_attn_cache"), ("cache_mlp", "enable_mlp_cache"),
+                            ("cache_adaptive_threshold", "adaptive_threshold"),
+                            ("cache_interpolation_mode", "interpolation_mode")):
+            if getattr(args, flag) is not None:
+                over[field] = getattr(args, flag)
+        over["calibration"] = bool(args.calibration)
+        if args.sim_path:
+            over["sim_path"] = args.sim_path
+        cfg = replace(cfg, **over)
+        cfg.validate()
+    except PlanError as e:
+        raise CLIError(str(e)) from None
+    if not cfg.calibration and cfg.sim_path and not Path(cfg.sim_path).is_file():
+        raise CLIError(f"--sim-path {cfg.sim_path} does not exist; run once with --calibration --sim-path to record it")
+    return cfg
+
+
 def _spec_for(args):
     from .models.registry import MODELS, get_spec
     from .schedules import VAR_PATCH_NUMS
@@ -90,6 +135,30 @@ def cmd_generate(args) -> int:
 
     spec = _spec_for(args)
     plan = _load_plan(args)
+    cache = _cache_config(args)
+    if cache is not None:
+        from dataclasses import replace
+
+        from .accel import AccelPlan, preset_for_model
+
+        if isinstance(plan, str):
+            class _M:  # presets only need the family, schedule and depth; resolved again at generation time
+                family = spec.family
+                depth = spec.config.get("depth", 16)
+                schedule = None
+
+            plan = preset_for_model(plan, _M) if plan != "none" else AccelPlan(name="none")
+        plan = replace(plan or AccelPlan(name="cache"), cache=cache)
+        if cache.calibration and not cache.sim_path:
+            raise CLIError("--calibration needs --sim-path FILE to store the similarity data")
+        if "patch_nums" in spec.config:  # stage refs are checked against the schedule before loading weights
+            from .accel import PlanError
+            from .schedules import Schedule
+
+            try:
+                cache.resolve_stages(Schedule.square(spec.config["patch_nums"]))
+            except PlanError as e:
+                raise CLIError(str(e)) from None
     if spec.family == "var":
         classes = list(args.classes) if args.classes else list(range(min(spec.config["num_classes"], 10)))
         n_cls = spec.config["num_classes"]
@@ -106,6 +175,8 @@ def cmd_generate(args) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
 
+    if args.compare_configs is not None:
+        return _compare_configs(args, spec, classes)
     pipe = _build_pipeline(args, spec)
     bs = args.batch_size or len(classes)
     chunks = [classes[i:i + bs] for i in range(0, len(classes), bs)]
@@ -152,6 +223,24 @@ def cmd_generate(args) -> int:
 
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
     print(f"wrote {len(classes)} image(s) and a grid to {out}/ in {secs:.2f}s")
+    return 0
+
+
+def _compare_configs(args, spec, classes) -> int:
+    from .accel.cache_presets import CACHE_PRESETS
+    from .eval.compare import compare_configs, format_compare, plot_compare
+    from .pipelines.common import atomic_write_text
+
+    configs = args.compare_configs or sorted(CACHE_PRESETS)
+    pipe = _build_pipeline(args, spec)
+    rows = compare_configs(pipe, classes, configs, seed=args.seed, repeats=1, warmup=1,
+                           log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    print(format_compare(rows))
+    out = Path(args.out)
+    plot_compare(rows, out / "compare.png")
+    if args.json:
+        atomic_write_text(json.dumps(rows, indent=2, default=str), Path(args.json))
+    print(f"wrote {out / 'compare.png'}")
     return 0
 
 
@@ -251,6 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print tokens/FLOPs/time per scale")
     g.add_argument("--out", default="outputs")
     g.add_argument("--quiet", action="store_true")
+    g.add_argument("--json", default=None, help="with --compare-configs: write the table as JSON")
+    c = g.add_argument_group("feature caching")
+    c.add_argument("--cache-preset", "--cache_preset", dest="cache_preset", default=None)
+    c.add_argument("--cache-skip-stages", "--cache_skip_stages", dest="cache_skip_stages", nargs="+", default=None,
+                   help="stages (token counts, e.g. 169 256, or #index) that may reuse cached outputs")
+    c.add_argument("--cache-cache-stages", "--cache_cache_stages", dest="cache_cache_stages", nargs="+", default=None)
+    c.add_argument("--cache-enable-attn", dest="cache_attn", action="store_true", default=None)
+    c.add_argument("--cache-disable-attn", dest="cache_attn", action="store_false")
+    c.add_argument("--cache-enable-mlp", dest="cache_mlp", action="store_true", default=None)
+    c.add_argument("--cache-disable-mlp", dest="cache_mlp", action="store_false")
+    c.add_argument("--cache-threshold", "--cache_threshold", dest="cache_threshold", type=float, default=None)
+    c.add_argument("--cache-adaptive-threshold", "--cache_adaptive_threshold", dest="cache_adaptive_threshold",
+                   action="store_true", default=None)
+    c.add_argument("--cache-interpolation-mode", "--cache_interpolation_mode", dest="cache_interpolation_mode",
+                   choices=["bilinear", "nearest", "bicubic", "area"], default=None)
+    c.add_argument("--use-cache", "--use_cache", dest="use_cache", action="store_true", help="legacy: the original preset")
+    c.add_argument("--calibration", action="store_true", help="record similarities (needs --sim-path)")
+    c.add_argument("--sim-path", "--sim_path", dest="sim_path", default=None)
+    c.add_argument("--threshold", type=float, default=None, help="legacy alias of --cache-threshold")
+    c.add_argument("--compare-configs", "--compare_configs", dest="compare_configs", nargs="*", default=None,
+                   help="baseline and every cache preset (or the given configs) side by side; table, PNG, --json")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="baseline vs plans: speed, tokens, FLOPs, memory, fidelity (JSON)")
