@@ -106,3 +106,51 @@ def test_bad_cache_flags_fail_before_loading(flags, match, tmp_path, capsys):
     assert main(["generate", *flags, "--out", str(out)]) == 2
     assert match in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture()
+def tiny_pipeline(monkeypatch):
+    """`generate` end to end on a small random VAR (the full-size ones are too slow for the fast suite)."""
+    from fastvar.pipelines.var import VARPipeline
+    from fastvar.tokenizers.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    pn = (1, 2, 3, 4)
+    model = VAR(vocab_size=32, cvae=4, num_classes=1000, depth=2, embed_dim=32, num_heads=2, patch_nums=pn)
+    model.init_weights()
+    vae = VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 1), patch_nums=pn, using_sa=False)
+    pipe = VARPipeline(model.eval(), vae.eval(), "var-d16")
+    import fastvar.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "load_pipeline", lambda spec, **kw: pipe)
+    return pipe
+
+
+def test_generate_writes_pngs_grid_and_report(tiny_pipeline, tmp_path):
+    out = tmp_path / "o"
+    assert main(["generate", "--model", "var-d16", "--classes", "207", "360", "--seed", "0", "--cfg", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["0000_class207.png", "0001_class360.png", "grid.png", "report.json"]
+    from PIL import Image
+
+    assert Image.open(out / "0000_class207.png").size == (8, 8)
+
+
+def test_generate_compare_writes_both_sets(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "--model", "var-d16", "--classes", "1", "2", "--preset", "skip-last", "--compare",
+                 "--stats", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "speedup" in text and "skipped scales" in text
+    assert (out / "baseline" / "grid.png").is_file() and (out / "skip-last" / "grid.png").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"] == "skip-last" and report["speedup"] > 0
+
+
+def test_bf16_autocast_generation_runs(tiny_pipeline):
+    from fastvar.pipelines.common import resolve_dtype
+
+    tiny_pipeline.dtype = resolve_dtype("bf16")
+    res = tiny_pipeline([3, 4], seed=1)
+    assert res.images.dtype == torch.float32 and torch.isfinite(res.images).all()

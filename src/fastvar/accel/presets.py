@@ -26,10 +26,13 @@ def _var_layers(depth: int) -> tuple[int, int]:
     return (round(3 * depth / 32), max(round(28 * depth / 32), round(3 * depth / 32) + 1))
 
 
+_VAR_SIDES = {16: [8, 10, 13, 16], 32: [13, 18, 24, 32]}
+
+
 def _sides(last_side: int, family: str) -> list[int]:
     """The largest scales of each family's schedule ending at ``last_side``, largest last."""
     if family == "var":
-        table = {16: [8, 10, 13, 16], 32: [13, 18, 24, 32]}
+        table = _VAR_SIDES
         if last_side not in table:
             raise PlanError(f"no VAR preset for a schedule ending at {last_side}; VAR schedules end at 16 or 32")
         return table[last_side]
@@ -113,5 +116,12 @@ def get_preset(name: str, family: str = "var", last_side: int = 16, depth: int =
 
 def preset_for_model(name: str, model) -> AccelPlan:
     """The named plan for a model object (reads its family, schedule and depth)."""
-    last = max(model.schedule.last) if getattr(model, "schedule", None) is not None else 64
+    sched = getattr(model, "schedule", None)
+    last = max(sched.last) if sched is not None else 64
+    if model.family == "var" and sched is not None and last not in _VAR_SIDES:
+        # a non-standard VAR schedule (e.g. a small trained model): the same rule on its own largest scales
+        sides = sorted({max(hw) for hw in sched.sizes})
+        if len(sides) < 4:
+            raise PlanError(f"presets need a schedule with at least 4 scales; this one has {sides}")
+        _VAR_SIDES[last] = sides[-4:]
     return get_preset(name, model.family, last, model.depth)
