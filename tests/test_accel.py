@@ -178,3 +178,11 @@ def test_restore_fills_pruned_slots_from_resized_cache():
     mask.scatter_(1, idx, True)
     assert torch.all(out[mask] == 7.0)
     torch.testing.assert_close(out[~mask], up[~mask])
+
+
+def test_side_refs_never_fall_back_to_token_counts():
+    """At Infinity 0.06M there is no 64-side scale; "64" must not hit the 8x8 scale (64 tokens)."""
+    sched = Schedule.square([1, 2, 4, 6, 8, 12, 16])
+    r = get_preset("fastvar", "infinity").resolve(sched, 6)
+    assert r.skip == frozenset() and r.keep == {}
+    assert sched.resolve("t64") == 4

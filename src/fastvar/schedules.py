@@ -66,8 +66,9 @@ class Schedule:
         """Map a scale reference to its index.
 
         Accepted forms: ``"#3"`` or ``"i3"`` (index 3), ``"24"`` / ``"24x24"`` (side or h x w),
-        ``"t576"`` (token count), or an int, which is read as a *side length* when it matches one
-        (the way the FastVAR paper names scales), else as a token count, else as an index.
+        ``"t576"`` (token count), or an int, which is read as a *side length*
+        (the way the FastVAR paper names scales). A bare number is only ever a side: falling back to a
+        token count would make "64" mean the 8x8 scale of a schedule that has no 64-side scale.
         """
         if isinstance(key, str):
             k = key.strip().lower()
@@ -85,9 +86,6 @@ class Schedule:
         key = int(key)
         for i, (h, w) in enumerate(self.sizes):
             if max(h, w) == key:
-                return i
-        for i, n in enumerate(self.token_counts):
-            if n == key:
                 return i
         raise self._unknown(key)
 
