@@ -1,0 +1,264 @@
+"""Infinity's layers: cosine self-attention with RoPE-2D and KV cache, per-caption cross-attention (with the
+official bf16 rounding in float32 mode), FFN, the AdaLN block wired through the acceleration hooks, the
+attentive text pool and the AdaLN head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..accel.hooks import Hooks
+from ..layers.attention import KVCache, attend
+from .infinity_config import InfinityConfig
+
+# ----------------------------------------------------------------------------------------- small layers
+
+
+def ada_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine, then ``·(1+scale)+shift`` (the official fused_ada_layer_norm, in fp32)."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    return y.mul(scale.add(1)).add_(shift).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
+
+
+def apply_rope2d(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate adjacent pairs (2i, 2i+1) of q and k (B, H, L, c) by per-token angles (.., L, c/2), in fp32."""
+
+    def rot(t: Tensor) -> Tensor:
+        tf = t.float().reshape(*t.shape[:-1], -1, 2)
+        a, b = tf[..., 0], tf[..., 1]
+        out = torch.stack([cos * a - sin * b, sin * a + cos * b], dim=-1)
+        return out.reshape(t.shape).to(t.dtype)
+
+    return rot(q), rot(k)
+
+
+@dataclass
+class TextKV:
+    """Per-generation text state: normalised features for cross-attention and their caption segments."""
+
+    kv: Tensor
+    segments: list[tuple[int, int]]
+
+
+def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]], scale: float, emulate_bf16: bool) -> Tensor:
+    """Query row b of ``q`` (B, Lq, H, c) attends only to the key rows of caption b (``kv``: (N, 2, H, c)).
+
+    Equivalent to flash-attn's varlen kvpacked call the official code makes. In float32 that call runs
+    in bf16 (inputs and output rounded), which ``emulate_bf16`` reproduces with fp32 attention in
+    between; the fixtures' reference computed that fp32 attention per caption with 3-D
+    ``scaled_dot_product_attention`` (PyTorch's math kernel, which pre-scales q and k by sqrt(scale)),
+    so the emulation uses the same call to match it bit for bit. Otherwise (bf16/fp16 models) one 4-D
+    SDPA call per group of equal-length captions uses the fused kernels.
+    """
+    B, Lq, H, c = q.shape
+    out_dtype = q.dtype
+    emulate = emulate_bf16 and q.dtype == torch.float32
+    if emulate:
+        q = q.to(torch.bfloat16).float()
+        kv = kv.to(torch.bfloat16).float()
+    lens = {e - s for s, e in segments}
+    packed = len(lens) == 1 and segments[0][0] == 0 and all(
+        segments[i][1] == segments[i + 1][0] for i in range(len(segments) - 1)
+    )
+    if packed:  # every caption has the same length: one batched call
+        le = lens.pop()
+        kvb = kv[: B * le].view(B, le, 2, H, c)
+        qt, kt, vt = q.transpose(1, 2), kvb[:, :, 0].transpose(1, 2), kvb[:, :, 1].transpose(1, 2)
+        if emulate:
+            o = F.scaled_dot_product_attention(
+                qt.reshape(B * H, Lq, c), kt.reshape(B * H, le, c), vt.reshape(B * H, le, c), scale=scale
+            ).view(B, H, Lq, c)
+        else:
+            o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        o = o.transpose(1, 2)
+    else:
+        outs = []
+        for b, (s, e) in enumerate(segments):
+            qb, kb, vb = q[b].transpose(0, 1), kv[s:e, 0].transpose(0, 1), kv[s:e, 1].transpose(0, 1)
+            if not emulate:
+                qb, kb, vb = qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0)
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, scale=scale).reshape(H, Lq, c).transpose(0, 1))
+        o = torch.stack(outs, dim=0)
+    o = o.reshape(B, Lq, H * c)
+    if emulate:
+        o = o.to(torch.bfloat16).float()
+    return o.to(out_dtype)
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (or one learned query per head, ``pool=True``) to caption tokens."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, pool: bool = False, emulate_bf16: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.pool, self.emulate_bf16 = pool, emulate_bf16
+        if pool:
+            self.mat_q = nn.Parameter(torch.empty(1, num_heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(dim, dim, bias=True)
+        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor | None, text: TextKV) -> Tensor:
+        N = text.kv.shape[0]
+        kv = F.linear(text.kv, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        kv = kv.view(N, 2, self.num_heads, self.head_dim)
+        if self.pool:
+            B = len(text.segments)
+            q = self.mat_q.repeat(B, 1, 1).to(kv.dtype).view(B, 1, self.num_heads, self.head_dim)
+        else:
+            B, Lq = x.shape[:2]
+            q = self.mat_q(x).view(B, Lq, self.num_heads, self.head_dim)
+        o = varlen_cross_attention(q, kv, text.segments, 1 / math.sqrt(self.head_dim), self.emulate_bf16)
+        return self.proj(o)
+
+
+class SelfAttention(nn.Module):
+    """Cosine attention (L2-normalised q, k; learnable per-head scale) with RoPE-2D and a KV cache."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.max_scale_mul = torch.log(torch.tensor(100.0, device="cpu")).item()
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)
+        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul).contiguous()
+        k = F.normalize(k, dim=-1, eps=1e-12).contiguous()
+        v = v.contiguous()
+        q, k = apply_rope2d(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out = attend(q, k, v, scale=1.0, mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+@dataclass
+class StepContext:
+    """What every block needs for the current forward: RoPE angles of its tokens, mask, KV caches."""
+
+    cos: Tensor  # (L, c/2) angles of every token of the current scale (or the whole sequence)
+    sin: Tensor
+    mask: Tensor | None = None
+    caches: list[KVCache] | None = None
+
+    def rope(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        if idx is None:
+            return self.cos, self.sin
+        # per batch row: (B, n, c/2) -> broadcast over heads
+        return self.cos[idx].unsqueeze(1), self.sin[idx].unsqueeze(1)
+
+
+class InfinityBlock(nn.Module):
+    """Self-attention + cross-attention + FFN, with the shared AdaLN (gamma1, gamma2, scale1, scale2, shift1, shift2)."""
+
+    def __init__(self, layer_idx: int, cfg: InfinityConfig) -> None:
+        super().__init__()
+        C = cfg.embed_dim
+        self.layer_idx, self.eps = layer_idx, cfg.norm_eps
+        self.ada_gss = nn.Parameter(torch.empty(1, 1, 6, C))
+        self.sa = SelfAttention(C, cfg.num_heads)
+        self.ca = CrossAttention(C, C, cfg.num_heads, emulate_bf16=cfg.emulate_bf16_cross_attn)
+        self.ffn = FFN(C, cfg.mlp_hidden)
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=True)
+        if cfg.cross_attn_layer_scale >= 0:
+            self.ca_gamma = nn.Parameter(torch.full((C,), float(cfg.cross_attn_layer_scale)))
+        else:
+            self.ca_gamma = None
+
+    def forward(self, x: Tensor, cond_gss: Tensor, text: TextKV, step: StepContext, hooks: Hooks) -> Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_gss).unbind(2)
+        cache = step.caches[self.layer_idx] if step.caches is not None else None
+
+        def attn(t: Tensor, idx: Tensor | None) -> Tensor:
+            cos, sin = step.rope(idx)
+            return self.sa(ada_layer_norm(t, scale1, shift1, self.eps), cos, sin, step.mask, cache).mul_(gamma1)
+
+        def cross(t: Tensor, idx: Tensor | None) -> Tensor:
+            y = self.ca(self.ca_norm(t), text)
+            return y if self.ca_gamma is None else y.mul_(self.ca_gamma)
+
+        def ffn(t: Tensor, idx: Tensor | None) -> Tensor:
+            return self.ffn(ada_layer_norm(t, scale2, shift2, self.eps)).mul(gamma2)
+
+        x = x + hooks.branch(self.layer_idx, "attn", x, attn)
+        x = x + hooks.branch(self.layer_idx, "cross", x, cross)
+        x = x + hooks.branch(self.layer_idx, "ffn", x, ffn)
+        return x
+
+
+class BlockChunk(nn.Module):
+    """Only here so that block keys read ``block_chunks.<c>.module.<j>.`` like the official checkpoints."""
+
+    def __init__(self, blocks: Sequence[InfinityBlock]) -> None:
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+class TextAttentivePool(nn.Module):
+    """Caption -> one vector: a learned query per head attends over the caption's tokens."""
+
+    def __init__(self, text_channels: int, dim: int, emulate_bf16: bool) -> None:
+        super().__init__()
+        head_dim = 64 if dim > 4096 else 128
+        self.ca = CrossAttention(dim, text_channels, max(1, text_channels // head_dim), pool=True, emulate_bf16=emulate_bf16)
+
+    def forward(self, text: TextKV) -> Tensor:
+        return self.ca(None, text).squeeze(1)
+
+
+class SharedAdaLin(nn.Linear):
+    def forward(self, cond: Tensor) -> Tensor:
+        C = self.weight.shape[0] // 6
+        return super().forward(cond).reshape(-1, 1, 6, C)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 2 * dim))
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return ada_layer_norm(x, scale, shift, self.eps)
