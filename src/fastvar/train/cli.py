@@ -1,0 +1,95 @@
+"""``fastvar train vqvae ...`` / ``fastvar train var ...`` argument parsing (wired into ``fastvar.cli``).
+
+Options are generated from the trainers' default tables, so the CLI and the Python API cannot drift.
+Every option defaults to ``None`` on the command line so that the trainers' defaults apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+_HELP = {
+    "out": "run directory (checkpoints, log.csv); an existing run there is resumed automatically",
+    "data": "'procedural' (built-in shapes) or an ImageNet-style folder root/<class>/*.JPEG",
+    "vqvae": "VQVAE run directory (latest checkpoint) or .safetensors file with its .json config",
+    "steps": "total optimizer steps (the cosine schedule ends there)",
+    "batch_size": "batch size per process",
+    "amp": "auto | bf16 | fp16 | none (CPU always trains in fp32)",
+    "ema": "EMA decay (0 = off)",
+    "ckpt_every": "write a checkpoint every N steps",
+    "threads": "torch CPU threads (0 = torch default)",
+    "time_limit": "stop with a checkpoint after this many seconds (0 = no limit)",
+    "pg": "progressive training: fraction of the steps that grow the scale prefix (0 = off)",
+    "pg0": "progressive training: index of the last scale trained at the start",
+    "pgwp": "progressive training: steps over which a new scale's loss weight ramps up",
+    "moments_dtype": "dtype of the optimizer moments on disk: bf16 (half size) or fp32",
+}
+
+
+def _add_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    from .loop import LoopConfig
+
+    loop_defaults = {k: v for k, v in vars(LoopConfig(out="")).items() if k not in ("extra", "resume")}
+    table = {**loop_defaults, **defaults}
+    for k, v in table.items():
+        flag = "--" + k.replace("_", "-")
+        h = _HELP.get(k, "")
+        if isinstance(v, bool):
+            p.add_argument(flag, dest=k, default=None, action=argparse.BooleanOptionalAction, help=f"{h} (default {v})")
+        elif isinstance(v, tuple):
+            p.add_argument(flag, dest=k, default=None, help=f"{h} comma-separated (default {','.join(map(str, v))})")
+        else:
+            typ = int if isinstance(v, int) else float if isinstance(v, float) else str
+            p.add_argument(flag, dest=k, type=typ, default=None, required=k == "out",
+                           help=f"{h} (default {v})" if v is not None else h)
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="ignore an existing checkpoint in --out (it is overwritten by the next save)")
+
+
+def add_train_subparsers(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` with sub-commands ``vqvae`` and ``var`` to an argparse sub-parser collection.
+
+    Each sub-command sets ``func`` to a callable taking the parsed namespace.
+    """
+    from .var_train import VAR_DEFAULTS
+    from .vqvae_train import VQVAE_DEFAULTS
+
+    train = subparsers.add_parser("train", help="train a VQVAE or a VAR (torchrun-compatible)")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    pv = sub.add_parser("vqvae", help="train the multi-scale VQVAE tokenizer",
+                        description="Reconstruction + multi-scale VQ training; resumes from --out automatically.")
+    _add_options(pv, VQVAE_DEFAULTS)
+    pv.set_defaults(func=_run_vqvae)
+    pa = sub.add_parser("var", help="train a class-conditional VAR on a frozen VQVAE",
+                        description="Teacher-forcing training; resumes from --out automatically. "
+                        "Multi-process: torchrun --nproc_per_node N -m fastvar.cli train var ...")
+    _add_options(pa, VAR_DEFAULTS)
+    pa.set_defaults(func=_run_var)
+    return train
+
+
+def _run_vqvae(args: argparse.Namespace) -> int:
+    from .vqvae_train import train_vqvae
+
+    train_vqvae(args)
+    return 0
+
+
+def _run_var(args: argparse.Namespace) -> int:
+    from .var_train import train_var
+
+    train_var(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m fastvar.train.cli vqvae ...``), usable under torchrun."""
+    parser = argparse.ArgumentParser(prog="fastvar")
+    add_train_subparsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
