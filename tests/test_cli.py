@@ -154,3 +154,24 @@ def test_bf16_autocast_generation_runs(tiny_pipeline):
     tiny_pipeline.dtype = resolve_dtype("bf16")
     res = tiny_pipeline([3, 4], seed=1)
     assert res.images.dtype == torch.float32 and torch.isfinite(res.images).all()
+
+
+def test_bench_infinity_random_init_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "infinity", "--random-init", "--depth", "2", "--width", "64", "--heads", "2",
+                 "--text-width", "64", "--pn", "0.06M", "--plans", "identity", "--repeats", "1", "--warmup", "0",
+                 "--json", str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["plan"] for r in rows] == ["none", "identity"]
+    for key in ("plan", "seconds_median", "speedup", "token_ratio", "flop_ratio", "peak_mem_mb", "psnr", "ssim"):
+        assert key in rows[1]
+    assert rows[1]["token_ratio"] == 1.0 and rows[1]["flop_ratio"] == 1.0 and rows[1]["ssim"] == 1.0
+
+
+def test_bench_var_random_init_json_fields(tiny_pipeline, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "var-d16", "--random-init", "--plans", "fastvar", "--repeats", "2",
+                 "--json", str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    assert rows[0]["plan"] == "none" and rows[0]["speedup"] == 1.0 and rows[1]["plan"] == "fastvar"
+    assert rows[1]["token_ratio"] < 1.0 and rows[1]["flop_ratio"] < 1.0 and len(rows[1]["seconds_all"]) == 2

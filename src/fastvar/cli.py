@@ -266,12 +266,30 @@ def cmd_bench(args) -> int:
     if spec.family == "var":
         n = spec.config["num_classes"]
         classes = [int(c) % n for c in (args.classes or list(range(args.batch)))]
+        pipe = _build_pipeline(args, spec)
+
+        def gen(plan):
+            return pipe(classes, seed=args.seed, plan=plan, decode=False)
+    elif spec.family == "infinity":
+        if not args.random_init:
+            raise CLIError("Infinity benchmarks run on random weights for now: add --random-init")
+        from .pipelines.infinity import InfinityPipeline
+
+        over = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.width), ("num_heads", args.heads),
+                                  ("text_channels", args.text_width)) if v is not None}
+        if "depth" in over:
+            over["block_chunks"] = 1
+        try:
+            pipe = InfinityPipeline.random_init(spec.name if spec.name != "infinity" else "infinity-2b",
+                                                device=args.device, dtype=args.dtype, aspect=args.aspect, pn=args.pn,
+                                                text_tokens=args.text_tokens, **over)
+        except (ValueError, KeyError) as e:
+            raise CLIError(str(e)) from None
+
+        def gen(plan):
+            return pipe(args.batch, seed=args.seed, plan=plan, decode=False)
     else:
         raise CLIError(f"`bench` for the {spec.family} family is not available yet")
-    pipe = _build_pipeline(args, spec)
-
-    def gen(plan):
-        return pipe(classes, seed=args.seed, plan=plan, decode=False)
 
     rows = run_benchmark(gen, pipe.decode, plans, repeats=args.repeats, warmup=args.warmup,
                          log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
@@ -280,7 +298,8 @@ def cmd_bench(args) -> int:
         from .pipelines.common import atomic_write_text
 
         meta = {"model": spec.name, "resolution": spec.resolution, "random_init": args.random_init,
-                "device": str(pipe.device), "dtype": args.dtype, "batch": len(classes), "repeats": args.repeats}
+                "device": str(pipe.device), "dtype": args.dtype, "batch": args.batch if spec.family != "var" else len(classes),
+                "repeats": args.repeats}
         atomic_write_text(json.dumps([{**r, **meta} for r in rows], indent=2), Path(args.json))
     return 0
 
@@ -372,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", type=int, nargs="+", default=None)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, help="write results as a JSON list (baseline first)")
+    t = b.add_argument_group("text-to-image architecture overrides (random init)")
+    t.add_argument("--depth", type=int, default=None)
+    t.add_argument("--width", type=int, default=None)
+    t.add_argument("--heads", type=int, default=None)
+    t.add_argument("--text-width", dest="text_width", type=int, default=None)
+    t.add_argument("--text-tokens", dest="text_tokens", type=int, default=24)
+    t.add_argument("--pn", default="1M", help="Infinity pixel budget: 0.06M 0.25M 0.60M 1M 2K")
+    t.add_argument("--aspect", default="1:1", help="Infinity aspect ratio W:H")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -43,3 +43,7 @@ def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     return MODELS[name]
+
+for _name in ("infinity-2b", "infinity-8b", "infinity-layer12"):
+    MODELS[_name] = ModelSpec(name=_name, family="infinity", resolution=1024)
+MODELS["infinity"] = MODELS["infinity-2b"]
