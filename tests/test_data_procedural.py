@@ -105,3 +105,14 @@ def test_schedule_size_errors():
         check_schedule(64, 8, (1, 2, 4, 8, 16))
     with pytest.raises(ValueError, match="multiple"):
         check_schedule(100, 8, (1, 2, 4))
+
+
+def test_prefetcher_workers_keep_step_order():
+    from fastvar.train.folder import Prefetcher
+
+    src = BatchSource(ProceduralShapes(seed=3, image_size=32), batch_size=2, world_size=2, seed=0)
+    pf = Prefetcher(src, rank=1, workers=2)
+    for step in (4, 5, 6, 9):  # a jump re-seeks
+        x, y = pf.get(step)
+        x0, y0 = src.get(step, 1)
+        assert torch.equal(x, x0) and torch.equal(y, y0)

@@ -59,7 +59,7 @@ def test_resume_continues_at_the_right_step(tmp_path):
 
 def test_var_two_steps_and_resume(vq_run, tmp_path):
     out = tmp_path / "var"
-    train_var(dict(TINY_VAR, out=str(out), vqvae=str(vq_run), steps=2, pg=0.5, pg0=1))
+    train_var(dict(TINY_VAR, out=str(out), vqvae=str(vq_run), steps=2, pg=0.5, pg0=1, workers=2))
     assert json.loads((out / "latest.json").read_text())["step"] == 2
     train_var(dict(TINY_VAR, out=str(out), vqvae=str(vq_run), steps=3))
     meta, _ = ck.load_checkpoint(ck.find_latest(out))

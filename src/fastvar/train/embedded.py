@@ -65,6 +65,15 @@ def _pick(groups: dict[str, dict], use_ema: bool) -> dict[str, torch.Tensor]:
     return groups["ema"] if use_ema and "ema" in groups else groups["model"]
 
 
+def _vq_step(desc: dict[str, Any]) -> int | None:
+    """Training step of the tokenizer, also through a frozen copy's provenance record."""
+    while isinstance(desc, dict):
+        if "step" in desc:
+            return int(desc["step"])
+        desc = desc.get("from")
+    return None
+
+
 def _save_atomic(sd: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -101,7 +110,7 @@ def export_embedded(
           for k, v in _pick(groups, use_ema).items() if not _derived(k)}
     _save_atomic(sd, assets / VAR_FILE)
     out: dict[str, Any] = {"vqvae": vq_cfg, "var": meta["var_config"], "vqvae_source": vq_desc, "var_step": meta["step"],
-                           "vqvae_step": (meta.get("vqvae_source") or {}).get("step")}
+                           "vqvae_step": _vq_step(vq_desc)}
     out["image_size"] = int(meta["fingerprint"]["image_size"])
     out["sampling"] = dict(DEFAULT_SAMPLING, **(sampling or {}))
     out.update(extra or {})

@@ -116,3 +116,41 @@ def build_dataset(name: str, image_size: int, seed: int = 0) -> Dataset:
     if name in ("procedural", "shapes"):
         return ProceduralShapes(seed=seed, image_size=image_size)
     return ImageFolder(name, image_size)
+
+
+class _StepStream(torch.utils.data.IterableDataset):
+    """Batches of steps ``start..end-1`` for one rank; DataLoader worker ``w`` makes every n-th step.
+
+    A DataLoader reads its workers round-robin, so the batches arrive in step order.
+    """
+
+    def __init__(self, source: BatchSource, start: int, end: int, rank: int) -> None:
+        self.source, self.start, self.end, self.rank = source, start, end, rank
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + wid, self.end, nw):
+            x, y = self.source.get(step, self.rank)
+            yield step, x, y
+
+
+class Prefetcher:
+    """Step-indexed batches, loaded by ``workers`` background processes (0 = in the training process)."""
+
+    def __init__(self, source: BatchSource, rank: int, workers: int = 0) -> None:
+        self.source, self.rank, self.workers = source, rank, int(workers)
+        self._it = None
+        self._next_step: int | None = None
+
+    def get(self, step: int) -> tuple[Tensor, Tensor]:
+        if self.workers <= 0:
+            return self.source.get(step, self.rank)
+        if self._it is None or self._next_step != step:
+            stream = _StepStream(self.source, step, 1 << 62, self.rank)
+            self._it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
+                                                        prefetch_factor=2, persistent_workers=False))
+        s, x, y = next(self._it)
+        assert s == step, (s, step)
+        self._next_step = step + 1
+        return x, y

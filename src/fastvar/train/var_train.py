@@ -22,7 +22,7 @@ from torch import Tensor
 from . import ckpt as ck
 from .config import check_schedule, loop_config, merged
 from .dist import cleanup, init_distributed
-from .folder import BatchSource, build_dataset
+from .folder import BatchSource, Prefetcher, build_dataset
 from .loop import Trainer
 from .vqvae_train import build_vqvae, downsample_factor
 
@@ -46,6 +46,7 @@ VAR_DEFAULTS: dict[str, Any] = dict(
     pg0=4,  # first progressive stage: train scales [0, pg0]
     pgwp=0.0,  # ramp of a new scale's loss weight, in steps (0 = immediate)
     threads=0,
+    workers=0,  # data-loading processes (0 = load in the training process)
     device="auto",
     steps=20000,
     batch_size=16,
@@ -202,6 +203,7 @@ def train_var(config: Any) -> dict[str, float]:
         fwd = TeacherForcing(var, vae, float(d["label_smooth"]))
         trainer = Trainer(var, lcfg, info, fingerprint, meta, forward_module=fwd)
         source = BatchSource(dataset, lcfg.batch_size, info.world_size, seed=lcfg.seed)
+        loader = Prefetcher(source, info.rank, int(d["workers"]))
         be = var.schedule.begin_ends
         SN = len(pn)
         pg, pg0, pgwp = float(d["pg"]), int(d["pg0"]), float(d["pgwp"])
@@ -216,7 +218,7 @@ def train_var(config: Any) -> dict[str, float]:
             return si, max(min((step - first + 1) / pgwp, 1.0), 0.01)
 
         def step_fn(model, step: int):
-            img, label = source.get(step, info.rank)
+            img, label = loader.get(step)
             if int(label.max()) >= ncls:
                 raise ValueError(f"dataset label {int(label.max())} >= num_classes {ncls}")
             si, w = stage_weight(step)

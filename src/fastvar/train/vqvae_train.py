@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import check_schedule, loop_config, merged, parse_ints
 from .dist import cleanup, init_distributed
-from .folder import BatchSource, build_dataset
+from .folder import BatchSource, Prefetcher, build_dataset
 from .loop import Trainer
 
 VQVAE_DEFAULTS: dict[str, Any] = dict(
@@ -44,6 +44,7 @@ VQVAE_DEFAULTS: dict[str, Any] = dict(
     vq_weight=1.0,
     restart_every=100,
     threads=0,
+    workers=0,  # data-loading processes (0 = load in the training process)
     device="auto",
     steps=20000,
     batch_size=16,
@@ -197,12 +198,13 @@ def train_vqvae(config: Any) -> dict[str, float]:
         beta = float(d["beta"])
         trainer = Trainer(vae, lcfg, info, fingerprint, meta, forward_module=STForward(vae, pn, beta))
         source = BatchSource(dataset, lcfg.batch_size, info.world_size, seed=lcfg.seed)
+        loader = Prefetcher(source, info.rank, int(d["workers"]))
         usage = CodeUsage(mcfg["vocab_size"], int(d["restart_every"]), info.device)
         trainer.extra_state["code_hits"] = usage.hits
         l1w, l2w, vqw = float(d["l1"]), float(d["l2"]), float(d["vq_weight"])
 
         def step_fn(model, step: int):
-            img, _ = source.get(step, info.rank)
+            img, _ = loader.get(step)
             img = img.to(info.device, non_blocking=True)
             # dead-code restarts act between optimizer steps, on residuals of this step's batch
             n = usage.maybe_restart(vae, img, pn, step, info.distributed, lcfg.seed)
