@@ -175,3 +175,51 @@ def test_bench_var_random_init_json_fields(tiny_pipeline, tmp_path):
     rows = json.loads(out.read_text())
     assert rows[0]["plan"] == "none" and rows[0]["speedup"] == 1.0 and rows[1]["plan"] == "fastvar"
     assert rows[1]["token_ratio"] < 1.0 and rows[1]["flop_ratio"] < 1.0 and len(rows[1]["seconds_all"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["generate", "--model", "var-d16", "--prompts", "a cat"], "give --classes, not --prompts"),
+        (["generate", "--model", "infinity-2b", "--classes", "3"], "give --prompts, not --classes"),
+        (["generate", "--model", "infinity-2b", "--prompts", "  "], "empty"),
+        (["generate", "--model", "infinity-2b", "--prompts", "a", "--pn", "3M"], "3M"),
+        (["generate", "--model", "infinity-2b", "--prompts", "a", "--depth", "4"], "--random-init"),
+        (["generate", "--model", "var-d16", "--pn", "1M"], "text-to-image"),
+        (["generate", "--model", "var-d16", "--benchmark", "0"], "N >= 1"),
+        (["generate", "--model", "var-d16", "--benchmark", "--compare"], "drop --compare"),
+        (["generate", "--model", "var-d16", "--num-samples", "0"], "--num-samples"),
+    ],
+)
+def test_condition_and_family_flags_fail_before_loading(argv, match, tmp_path, capsys, monkeypatch):
+    import fastvar.pipelines as pipelines
+
+    def boom(*a, **k):  # any of these must be rejected before a model is built
+        raise AssertionError("model was loaded")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", boom)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_generate_benchmark_reports_median_and_spread(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "o"
+    js = tmp_path / "bench.json"
+    assert main(["generate", "--model", "var-d16", "--classes", "1", "2", "--preset", "fastvar", "--benchmark", "3",
+                 "--json", str(js), "--out", str(out), "--quiet"]) == 0
+    row = json.loads(js.read_text())
+    assert row["runs"] == 3 and len(row["seconds_all"]) == 3 and row["config"] == "fastvar"
+    assert row["seconds_min"] <= row["seconds_median"] <= row["seconds_max"] and row["seconds_stdev"] >= 0
+    assert "median" in capsys.readouterr().out
+    assert not out.exists()  # a benchmark writes no images
+
+
+def test_generate_names_images_after_conditions(tiny_pipeline, tmp_path):
+    out = tmp_path / "o"
+    assert main(["generate", "--model", "var-d16", "--classes", "5", "--num-samples", "3", "--batch-size", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["conditions"] == [5, 5, 5] and report["images"] == 3
+    assert (out / "0002_class5.png").is_file()

@@ -29,8 +29,19 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
                    help="tokenizer (VAE) checkpoint: local file/folder or hub id")
     p.add_argument("--random-init", action="store_true", help="full-size architecture with random weights (speed only)")
     p.add_argument("--resolution", type=int, default=None, help="VAR: use the 256 or 512 schedule")
+    p.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default=None,
+                   help="text models: text encoder folder or hub id (Infinity: Flan-T5, HART: Qwen2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    t = p.add_argument_group("text-to-image schedule and architecture overrides (overrides: --random-init only)")
+    t.add_argument("--pn", default=None, help="Infinity pixel budget: 0.06M 0.25M 0.60M 1M 2K (default 1M)")
+    t.add_argument("--aspect", default=None, help="Infinity aspect ratio W:H, e.g. 1:1, 16:9 (default 1:1)")
+    t.add_argument("--depth", type=int, default=None)
+    t.add_argument("--width", type=int, default=None)
+    t.add_argument("--heads", type=int, default=None)
+    t.add_argument("--text-width", dest="text_width", type=int, default=None)
+    t.add_argument("--text-tokens", dest="text_tokens", type=int, default=None,
+                   help="random text features: tokens per prompt (default 24)")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -121,11 +132,89 @@ def _spec_for(args):
     return spec
 
 
+def _family_kwargs(args, spec) -> dict:
+    """Schedule and architecture options for text-to-image families (only those the user gave)."""
+    names = {"pn": "pn", "aspect": "aspect", "text_tokens": "text_tokens", "depth": "depth", "width": "embed_dim",
+             "heads": "num_heads", "text_width": "text_channels"}
+    given = {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
+    if spec.family == "var":
+        if given:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in names and v is not None)
+            raise CLIError(f"{flags} only apply to text-to-image models (infinity, hart); VAR uses --resolution")
+        return {}
+    arch = {k for k in given if k in ("depth", "embed_dim", "num_heads", "text_channels")}
+    if arch and not args.random_init:
+        raise CLIError("--depth/--width/--heads/--text-width change the architecture: use them with --random-init")
+    if spec.family != "infinity" and ("pn" in given or "aspect" in given):
+        raise CLIError(f"--pn/--aspect are Infinity schedule options; {spec.name} has a fixed schedule")
+    return given
+
+
+def _schedule_for(spec, args):
+    """The scale schedule a generation will use, known before any weights are read (None if unknown)."""
+    from .schedules import Schedule
+
+    if "patch_nums" in spec.config:
+        return Schedule.square(spec.config["patch_nums"])
+    if spec.family == "infinity":
+        from .schedules_infinity import infinity_schedule
+
+        try:
+            return infinity_schedule(args.aspect or "1:1", args.pn or "1M")
+        except (ValueError, KeyError) as e:
+            raise CLIError(str(e)) from None
+    return None
+
+
 def _build_pipeline(args, spec):
     from .pipelines import load_pipeline
 
-    return load_pipeline(spec, weights=args.weights, vae_weights=args.vae_weights, random_init=args.random_init,
-                         device=args.device, dtype=args.dtype)
+    return load_pipeline(spec, weights=args.weights, vae_weights=args.vae_weights, text_encoder=args.text_encoder,
+                         random_init=args.random_init, device=args.device, dtype=args.dtype,
+                         **_family_kwargs(args, spec))
+
+
+DEFAULT_PROMPTS = (
+    "a photo of a red fox in the snow",
+    "a watercolor painting of a lighthouse at dawn",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "an astronaut riding a horse on the moon",
+)
+
+
+def _conditions(args, spec) -> list:
+    """Class ids (class-conditional models) or prompts (text-to-image models), repeated to --num-samples."""
+    text = spec.family != "var"
+    if text and getattr(args, "classes", None):
+        raise CLIError(f"{spec.name} is a text-to-image model: give --prompts, not --classes")
+    if not text and getattr(args, "prompts", None):
+        raise CLIError(f"{spec.name} is class-conditional: give --classes, not --prompts")
+    if text:
+        conds = list(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+        empty = [i for i, c in enumerate(conds) if not c.strip()]
+        if empty:
+            raise CLIError(f"prompt(s) {empty} are empty")
+    else:
+        conds = list(args.classes) if args.classes else list(range(min(spec.config["num_classes"], 10)))
+        n_cls = spec.config["num_classes"]
+        bad = [c for c in conds if not 0 <= c < n_cls]
+        if bad:
+            raise CLIError(f"class id(s) {bad} out of range for {spec.name}: valid ids are 0..{n_cls - 1}")
+    if getattr(args, "num_samples", None) is not None:
+        if args.num_samples < 1:
+            raise CLIError("--num-samples must be >= 1")
+        conds = [conds[i % len(conds)] for i in range(args.num_samples)]
+    return conds
+
+
+def _image_names(conds: list) -> list[str]:
+    import re
+
+    names = []
+    for i, c in enumerate(conds):
+        tag = f"class{c}" if isinstance(c, int) else re.sub(r"[^A-Za-z0-9]+", "_", c).strip("_")[:40] or "prompt"
+        names.append(f"{i:04d}_{tag}.png")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -136,6 +225,8 @@ def cmd_generate(args) -> int:
     spec = _spec_for(args)
     plan = _load_plan(args)
     cache = _cache_config(args)
+    schedule = _schedule_for(spec, args)
+    _family_kwargs(args, spec)  # flag checks before anything is loaded
     if cache is not None:
         from dataclasses import replace
 
@@ -145,55 +236,49 @@ def cmd_generate(args) -> int:
             class _M:  # presets only need the family, schedule and depth; resolved again at generation time
                 family = spec.family
                 depth = spec.config.get("depth", 16)
-                schedule = None
 
+            _M.schedule = schedule
             plan = preset_for_model(plan, _M) if plan != "none" else AccelPlan(name="none")
         plan = replace(plan or AccelPlan(name="cache"), cache=cache)
         if cache.calibration and not cache.sim_path:
             raise CLIError("--calibration needs --sim-path FILE to store the similarity data")
-        if "patch_nums" in spec.config:  # stage refs are checked against the schedule before loading weights
-            from .accel import PlanError
-            from .schedules import Schedule
-
+        if schedule is not None:  # stage refs are checked against the schedule before loading weights
             try:
-                cache.resolve_stages(Schedule.square(spec.config["patch_nums"]))
+                cache.resolve_stages(schedule)
             except PlanError as e:
                 raise CLIError(str(e)) from None
-    if spec.family == "var":
-        classes = list(args.classes) if args.classes else list(range(min(spec.config["num_classes"], 10)))
-        n_cls = spec.config["num_classes"]
-        bad = [c for c in classes if not 0 <= c < n_cls]
-        if bad:
-            raise CLIError(f"class id(s) {bad} out of range for {spec.name}: valid ids are 0..{n_cls - 1}")
-        if args.num_samples:
-            classes = [classes[i % len(classes)] for i in range(args.num_samples)]
-    else:
-        raise CLIError(f"`generate` for the {spec.family} family is not available yet")
+    conds = _conditions(args, spec)
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1")
+    if args.benchmark is not None and args.benchmark < 1:
+        raise CLIError("--benchmark N needs N >= 1 timed runs")
+    if args.benchmark is not None and (args.compare or args.compare_configs is not None):
+        raise CLIError("--benchmark times one configuration; drop --compare/--compare-configs")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
 
     if args.compare_configs is not None:
-        return _compare_configs(args, spec, classes)
+        return _compare_configs(args, spec, conds)
     pipe = _build_pipeline(args, spec)
-    bs = args.batch_size or len(classes)
-    chunks = [classes[i:i + bs] for i in range(0, len(classes), bs)]
+    bs = args.batch_size or len(conds)
+    chunks = [conds[i:i + bs] for i in range(0, len(conds), bs)]
     import torch
 
-    def run(p):
+    def run(p, decode: bool = True):
         imgs, secs, stats = [], 0.0, []
-        for ci, chunk in enumerate(tqdm(chunks, desc=f"generate ({p if isinstance(p, str) else getattr(p, 'name', 'none')})",
-                                        disable=args.quiet or len(chunks) == 1 and args.quiet)):
+        label = p if isinstance(p, str) else getattr(p, "name", "none")
+        for ci, chunk in enumerate(tqdm(chunks, desc=f"generate ({label})", disable=args.quiet or len(chunks) == 1)):
             res = pipe(chunk, seed=None if args.seed is None else args.seed + ci, plan=p, cfg=args.cfg,
-                       top_k=args.top_k, top_p=args.top_p)
+                       top_k=args.top_k, top_p=args.top_p, decode=decode)
             imgs.append(res.images)
             secs += res.seconds
             stats.append(res.stats)
-        return torch.cat(imgs), secs, stats
+        return (torch.cat(imgs) if decode else None), secs, stats
 
     try:
+        if args.benchmark is not None:
+            return _benchmark(args, spec, lambda: run(plan, decode=False), len(conds))
         if args.compare and plan is not None:
             base_imgs, base_s, _ = run(None)
             imgs, secs, stats = run(plan)
@@ -202,8 +287,9 @@ def cmd_generate(args) -> int:
     except PlanError as e:
         raise CLIError(str(e)) from None
 
-    names = [f"{i:04d}_class{c}.png" for i, c in enumerate(classes)]
-    report = {"model": spec.name, "plan": stats[0].get("plan"), "seconds": secs, "images": len(classes)}
+    names = _image_names(conds)
+    report = {"model": spec.name, "plan": stats[0].get("plan"), "seconds": secs, "images": len(conds),
+              "conditions": conds}
     if args.compare and plan is not None:
         from .eval.benchmark import psnr_ssim
 
@@ -222,18 +308,45 @@ def cmd_generate(args) -> int:
     from .pipelines.common import atomic_write_text
 
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
-    print(f"wrote {len(classes)} image(s) and a grid to {out}/ in {secs:.2f}s")
+    print(f"wrote {len(conds)} image(s) and a grid to {out}/ in {secs:.2f}s")
     return 0
 
 
-def _compare_configs(args, spec, classes) -> int:
+def _benchmark(args, spec, run_once, n_images: int) -> int:
+    """Repeated timed runs of one configuration (after one warm-up): median and spread, optional JSON."""
+    import statistics
+
+    run_once()
+    times, stats = [], None
+    for i in range(args.benchmark):
+        _, secs, st = run_once()
+        times.append(secs)
+        stats = stats or st[0]
+        if not args.quiet:
+            print(f"run {i + 1}/{args.benchmark}: {secs:.3f}s", file=sys.stderr)
+    med = statistics.median(times)
+    row = {"model": spec.name, "config": stats.get("plan"), "images": n_images, "runs": len(times),
+           "seconds_median": med, "seconds_min": min(times), "seconds_max": max(times),
+           "seconds_stdev": statistics.stdev(times) if len(times) > 1 else 0.0, "seconds_all": times,
+           "images_per_second": n_images / med, "peak_mem_mb": stats.get("peak_mem_mb"),
+           "total_flops": stats.get("total_flops")}
+    print(f"{row['config']}: median {med:.3f}s (min {row['seconds_min']:.3f}, max {row['seconds_max']:.3f}, "
+          f"stdev {row['seconds_stdev']:.3f}) over {len(times)} runs | {row['images_per_second']:.2f} images/s")
+    if args.json:
+        from .pipelines.common import atomic_write_text
+
+        atomic_write_text(json.dumps(row, indent=2, default=str), Path(args.json))
+    return 0
+
+
+def _compare_configs(args, spec, conds) -> int:
     from .accel.cache_presets import CACHE_PRESETS
     from .eval.compare import compare_configs, format_compare, plot_compare
     from .pipelines.common import atomic_write_text
 
     configs = args.compare_configs or sorted(CACHE_PRESETS)
     pipe = _build_pipeline(args, spec)
-    rows = compare_configs(pipe, classes, configs, seed=args.seed, repeats=1, warmup=1,
+    rows = compare_configs(pipe, conds, configs, seed=args.seed, repeats=1, warmup=1,
                            log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
     print(format_compare(rows))
     out = Path(args.out)
@@ -245,6 +358,8 @@ def _compare_configs(args, spec, classes) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from .eval.benchmark import format_results, run_benchmark
 
     spec = _spec_for(args)
@@ -265,31 +380,19 @@ def cmd_bench(args) -> int:
             plans.append((name, name))
     if spec.family == "var":
         n = spec.config["num_classes"]
-        classes = [int(c) % n for c in (args.classes or list(range(args.batch)))]
-        pipe = _build_pipeline(args, spec)
-
-        def gen(plan):
-            return pipe(classes, seed=args.seed, plan=plan, decode=False)
-    elif spec.family == "infinity":
-        if not args.random_init:
-            raise CLIError("Infinity benchmarks run on random weights for now: add --random-init")
-        from .pipelines.infinity import InfinityPipeline
-
-        over = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.width), ("num_heads", args.heads),
-                                  ("text_channels", args.text_width)) if v is not None}
-        if "depth" in over:
-            over["block_chunks"] = 1
-        try:
-            pipe = InfinityPipeline.random_init(spec.name if spec.name != "infinity" else "infinity-2b",
-                                                device=args.device, dtype=args.dtype, aspect=args.aspect, pn=args.pn,
-                                                text_tokens=args.text_tokens, **over)
-        except (ValueError, KeyError) as e:
-            raise CLIError(str(e)) from None
-
-        def gen(plan):
-            return pipe(args.batch, seed=args.seed, plan=plan, decode=False)
+        conds = [int(c) % n for c in (args.classes or list(range(args.batch)))]
     else:
-        raise CLIError(f"`bench` for the {spec.family} family is not available yet")
+        if args.classes:
+            raise CLIError(f"{spec.name} is a text-to-image model: --classes does not apply (use --batch)")
+        conds = [f"benchmark prompt {i}" for i in range(args.batch)]
+    _family_kwargs(args, spec)
+    try:
+        pipe = _build_pipeline(args, spec)
+    except (ValueError, KeyError) as e:
+        raise CLIError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
+
+    def gen(plan):
+        return pipe(conds, seed=args.seed, plan=plan, decode=False)
 
     rows = run_benchmark(gen, pipe.decode, plans, repeats=args.repeats, warmup=args.warmup,
                          log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
@@ -298,7 +401,7 @@ def cmd_bench(args) -> int:
         from .pipelines.common import atomic_write_text
 
         meta = {"model": spec.name, "resolution": spec.resolution, "random_init": args.random_init,
-                "device": str(pipe.device), "dtype": args.dtype, "batch": args.batch if spec.family != "var" else len(classes),
+                "device": str(pipe.device), "dtype": args.dtype, "batch": len(conds), "threads": torch.get_num_threads(),
                 "repeats": args.repeats}
         atomic_write_text(json.dumps([{**r, **meta} for r in rows], indent=2), Path(args.json))
     return 0
@@ -346,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images (class ids for VAR)")
     _add_model_args(g, default_model="embedded")
     _add_plan_args(g)
-    g.add_argument("--classes", type=int, nargs="+", default=None)
+    g.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (class-conditional models)")
+    g.add_argument("--prompts", nargs="+", default=None, help="prompts (text-to-image models), one image each")
     g.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=None)
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
@@ -359,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print tokens/FLOPs/time per scale")
     g.add_argument("--out", default="outputs")
     g.add_argument("--quiet", action="store_true")
-    g.add_argument("--json", default=None, help="with --compare-configs: write the table as JSON")
+    g.add_argument("--benchmark", type=int, nargs="?", const=5, default=None, metavar="N",
+                   help="time N runs (default 5, after a warm-up) of this configuration: median and spread")
+    g.add_argument("--json", default=None, help="with --compare-configs / --benchmark: write the results as JSON")
     c = g.add_argument_group("feature caching")
     c.add_argument("--cache-preset", "--cache_preset", dest="cache_preset", default=None)
     c.add_argument("--cache-skip-stages", "--cache_skip_stages", dest="cache_skip_stages", nargs="+", default=None,
@@ -391,14 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", type=int, nargs="+", default=None)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, help="write results as a JSON list (baseline first)")
-    t = b.add_argument_group("text-to-image architecture overrides (random init)")
-    t.add_argument("--depth", type=int, default=None)
-    t.add_argument("--width", type=int, default=None)
-    t.add_argument("--heads", type=int, default=None)
-    t.add_argument("--text-width", dest="text_width", type=int, default=None)
-    t.add_argument("--text-tokens", dest="text_tokens", type=int, default=24)
-    t.add_argument("--pn", default="1M", help="Infinity pixel budget: 0.06M 0.25M 0.60M 1M 2K")
-    t.add_argument("--aspect", default="1:1", help="Infinity aspect ratio W:H")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 from ..models.registry import ModelSpec
 
 
-def load_pipeline(spec: ModelSpec, weights=None, vae_weights=None, random_init=False, device=None, dtype="fp32"):
-    """Build the pipeline for ``spec``: random init, official weights, or (for embedded models) package assets."""
+def load_pipeline(spec: ModelSpec, weights=None, vae_weights=None, text_encoder=None, random_init=False, device=None,
+                  dtype="fp32", **kwargs):
+    """Build the pipeline for ``spec``: random init, official weights, or (for embedded models) package assets.
+
+    ``kwargs`` are family options (text-to-image schedule and architecture overrides); None means default.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if spec.family == "var":
+        if text_encoder or kwargs:
+            raise ValueError(f"{spec.name} is class-conditional: text encoder / {sorted(kwargs)} options do not apply")
         from .var import VARPipeline
 
         if spec.name == "embedded":
@@ -17,4 +24,14 @@ def load_pipeline(spec: ModelSpec, weights=None, vae_weights=None, random_init=F
         if random_init:
             return VARPipeline.from_spec(spec, device=device, dtype=dtype)
         return VARPipeline.from_pretrained(spec.name, weights, vae_weights, device=device, dtype=dtype, spec=spec)
+    if spec.family == "hart":
+        from .hart import HARTPipeline
+
+        name = "hart-0.7b" if spec.name == "hart" else spec.name
+        if random_init:
+            if weights or vae_weights or text_encoder:
+                raise ValueError("--random-init builds random weights and random text features; drop "
+                                 "--weights/--vae-weights/--text-encoder")
+            return HARTPipeline.random_init(name, device=device, dtype=dtype, **kwargs)
+        return HARTPipeline.from_pretrained(name, weights, vae_weights, text_encoder, device=device, dtype=dtype, **kwargs)
     raise NotImplementedError(f"no pipeline for the {spec.family} family yet")
