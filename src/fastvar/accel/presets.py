@@ -29,8 +29,11 @@ def _var_layers(depth: int) -> tuple[int, int]:
 _VAR_SIDES = {16: [8, 10, 13, 16], 32: [13, 18, 24, 32]}
 
 
-def _sides(last_side: int, family: str) -> list[int]:
-    """The largest scales of each family's schedule ending at ``last_side``, largest last."""
+def _sides(last_side: int, family: str, sides: tuple[int, ...] | None = None) -> list[int]:
+    """The largest scales of each family's schedule ending at ``last_side``, largest last (``sides``: a
+    non-standard VAR schedule's own largest sides, e.g. a small trained model's)."""
+    if family == "var" and sides:
+        return list(sides)
     if family == "var":
         table = _VAR_SIDES
         if last_side not in table:
@@ -41,7 +44,7 @@ def _sides(last_side: int, family: str) -> list[int]:
     return [20, 24, 32, 40, 48, 64]
 
 
-def _fastvar(family: str, last_side: int, depth: int) -> AccelPlan:
+def _fastvar(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
     if family == "infinity":
         return AccelPlan(
             name="fastvar", keep={"32": 0.6, "40": 0.5}, skip=("48", "64"), layers=(3, 28),
@@ -53,7 +56,7 @@ def _fastvar(family: str, last_side: int, depth: int) -> AccelPlan:
             name="fastvar", keep={"48": 0.5, "64": 0.25}, branches=("attn", "ffn"), cache_scale="36",
             interp="area", strict=False, description="FastVAR paper settings for HART 1024²",
         )
-    s = _sides(last_side, "var")
+    s = _sides(last_side, "var", sides)
     return AccelPlan(
         name="fastvar", keep={str(s[2]): 0.6, str(s[3]): 0.5}, layers=_var_layers(depth),
         branches=("attn", "ffn"), cache_scale=str(s[1]), strict=False,
@@ -61,8 +64,8 @@ def _fastvar(family: str, last_side: int, depth: int) -> AccelPlan:
     )
 
 
-def _mild(family: str, last_side: int, depth: int) -> AccelPlan:
-    p = _fastvar(family, last_side, depth)
+def _mild(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
+    p = _fastvar(family, last_side, depth, sides)
     ks = sorted(p.keep, key=int)
     p.keep = {ks[0]: 0.8, ks[1]: 0.7}
     p.skip = ()
@@ -70,9 +73,9 @@ def _mild(family: str, last_side: int, depth: int) -> AccelPlan:
     return p
 
 
-def _strong(family: str, last_side: int, depth: int) -> AccelPlan:
-    p = _fastvar(family, last_side, depth)
-    s = _sides(last_side, family)
+def _strong(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
+    p = _fastvar(family, last_side, depth, sides)
+    s = _sides(last_side, family, sides)
     if family == "infinity":
         p.keep, p.cache_scale = {"24": 0.6, "32": 0.4, "40": 0.3}, "20"
     else:
@@ -81,21 +84,21 @@ def _strong(family: str, last_side: int, depth: int) -> AccelPlan:
     return p
 
 
-def _skip_last(family: str, last_side: int, depth: int) -> AccelPlan:
-    s = _sides(last_side, family)
+def _skip_last(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
+    s = _sides(last_side, family, sides)
     skip = ("48", "64") if family == "infinity" else (str(s[-1]),)
     return AccelPlan(name="skip-last", skip=skip, strict=False, description="scale skipping only")
 
 
-def _none(family: str, last_side: int, depth: int) -> AccelPlan:
+def _none(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
     return AccelPlan(name="none", description="no plan: the official computation")
 
 
-def _identity(family: str, last_side: int, depth: int) -> AccelPlan:
+def _identity(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
     return AccelPlan(name="identity", description="the engine's hooks active but keeping everything (overhead check)")
 
 
-PRESETS: dict[str, Callable[[str, int, int], AccelPlan]] = {
+PRESETS: dict[str, Callable[..., AccelPlan]] = {
     "none": _none,
     "identity": _identity,
     "fastvar": _fastvar,
@@ -105,23 +108,26 @@ PRESETS: dict[str, Callable[[str, int, int], AccelPlan]] = {
 }
 
 
-def get_preset(name: str, family: str = "var", last_side: int = 16, depth: int = 16) -> AccelPlan:
-    """The named plan for a backbone family, a schedule's last side and a depth."""
+def get_preset(name: str, family: str = "var", last_side: int = 16, depth: int = 16,
+               sides: tuple[int, ...] | None = None) -> AccelPlan:
+    """The named plan for a backbone family, a schedule's last side and a depth (``sides``: the four largest
+    sides of a non-standard VAR schedule)."""
     if family not in FAMILIES:
         raise PlanError(f"unknown model family {family!r}; known: {FAMILIES}")
     if name not in PRESETS:
         raise PlanError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return PRESETS[name](family, int(last_side), int(depth))
+    return PRESETS[name](family, int(last_side), int(depth), sides)
 
 
 def preset_for_model(name: str, model) -> AccelPlan:
     """The named plan for a model object (reads its family, schedule and depth)."""
     sched = getattr(model, "schedule", None)
     last = max(sched.last) if sched is not None else 64
+    sides = None
     if model.family == "var" and sched is not None and last not in _VAR_SIDES:
         # a non-standard VAR schedule (e.g. a small trained model): the same rule on its own largest scales
-        sides = sorted({max(hw) for hw in sched.sizes})
-        if len(sides) < 4:
-            raise PlanError(f"presets need a schedule with at least 4 scales; this one has {sides}")
-        _VAR_SIDES[last] = sides[-4:]
-    return get_preset(name, model.family, last, model.depth)
+        all_sides = sorted({max(hw) for hw in sched.sizes})
+        if len(all_sides) < 4:
+            raise PlanError(f"presets need a schedule with at least 4 scales; this one has {all_sides}")
+        sides = tuple(all_sides[-4:])
+    return get_preset(name, model.family, last, model.depth, sides)
