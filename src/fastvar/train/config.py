@@ -8,6 +8,18 @@ from typing import Any
 
 from .loop import LoopConfig
 
+# Loop settings shared by every trainer (each trainer overrides what differs, e.g. warm-up and weight decay).
+LOOP_DEFAULTS: dict[str, Any] = dict(
+    threads=0,
+    workers=0,  # data-loading processes (0 = load in the training process)
+    device="auto",
+    steps=20000,
+    batch_size=16,
+    lr=4e-4,
+    grad_clip=2.0,
+    ema=0.0,
+)
+
 
 def as_dict(cfg: Any) -> dict[str, Any]:
     if cfg is None:

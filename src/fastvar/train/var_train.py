@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ckpt as ck
-from .config import check_schedule, loop_config, merged
+from .config import LOOP_DEFAULTS, check_schedule, loop_config, merged
 from .dist import cleanup, init_distributed
 from .folder import BatchSource, Prefetcher, build_dataset
 from .loop import Trainer
@@ -45,16 +45,9 @@ VAR_DEFAULTS: dict[str, Any] = dict(
     pg=0.0,  # fraction of the steps with progressive training (0 = off)
     pg0=4,  # first progressive stage: train scales [0, pg0]
     pgwp=0.0,  # ramp of a new scale's loss weight, in steps (0 = immediate)
-    threads=0,
-    workers=0,  # data-loading processes (0 = load in the training process)
-    device="auto",
-    steps=20000,
-    batch_size=16,
-    lr=4e-4,
+    **LOOP_DEFAULTS,
     warmup=300,
     weight_decay=0.05,
-    grad_clip=2.0,
-    ema=0.0,
     ckpt_every=100,
 )
 

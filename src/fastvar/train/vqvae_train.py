@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import check_schedule, loop_config, merged, parse_ints
+from .config import LOOP_DEFAULTS, check_schedule, loop_config, merged, parse_ints
 from .dist import cleanup, init_distributed
 from .folder import BatchSource, Prefetcher, build_dataset
 from .loop import Trainer
@@ -43,16 +43,9 @@ VQVAE_DEFAULTS: dict[str, Any] = dict(
     l2=1.0,
     vq_weight=1.0,
     restart_every=100,
-    threads=0,
-    workers=0,  # data-loading processes (0 = load in the training process)
-    device="auto",
-    steps=20000,
-    batch_size=16,
-    lr=4e-4,
+    **LOOP_DEFAULTS,
     warmup=200,
     weight_decay=0.0,
-    grad_clip=2.0,
-    ema=0.0,
     ckpt_every=200,
 )
 
