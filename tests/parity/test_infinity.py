@@ -24,6 +24,12 @@ from fastvar.tokenizers.bsq import BSQVAE, BSQVAEConfig, load_bsq_vae_state
 from .conftest import load_fixture
 
 LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)
+# The official cross-attention rounds q/k/v and its output to bf16 even in fp32 mode (we emulate it). On a CPU
+# whose fp32 kernels accumulate in another order (e.g. AVX-512/AMX vs AVX2), a value sitting on a bf16 rounding
+# boundary lands on the other side, which moves that element by one bf16 ulp (~4e-3 relative) and a few
+# downstream logits by up to ~1e-3. So the bulk must match at LOGIT_TOL and the rare flips stay bounded.
+ROUNDING_FLIP_FRACTION = 0.01  # share of logits allowed outside LOGIT_TOL
+ROUNDING_FLIP_MAX = 2e-3  # and by at most this much
 CODES_TOL = dict(atol=1e-5, rtol=0.0)
 IMG_MAX_FRACTION = 1e-3  # share of uint8 values allowed to differ (by at most 1)
 
@@ -91,6 +97,16 @@ def generate(case: str) -> tuple[InfinityOutput, dict]:
     return out, kept
 
 
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """LOGIT_TOL on all but a bounded share of bf16-rounding flips (see ROUNDING_FLIP_*)."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    diff = (ours.float() - ref.float()).abs()
+    outside = diff > LOGIT_TOL["atol"] + LOGIT_TOL["rtol"] * ref.float().abs()
+    frac = outside.float().mean().item()
+    assert frac <= ROUNDING_FLIP_FRACTION, f"{frac:.2%} of logits outside {LOGIT_TOL} (max |diff| {diff.max():.3g})"
+    assert diff.max().item() <= ROUNDING_FLIP_MAX, f"max |diff| {diff.max():.3g} > {ROUNDING_FLIP_MAX}"
+
+
 def _assert_images_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     diff = (ours.int() - ref.int()).abs()
@@ -108,7 +124,7 @@ def test_transformer_forward_logits():
     text = text_condition(case, f"{case}.input")
     with torch.no_grad():
         logits = tiny_model()(text, f.t(f"{case}.input.x_BLC_wo_prefix"), meta["scale_schedule"])
-    torch.testing.assert_close(logits, f.t(f"{case}.output.logits"), **LOGIT_TOL)
+    assert_logits_close(logits, f.t(f"{case}.output.logits"))
 
 
 def test_rope_positions_match_official_table():
@@ -140,7 +156,7 @@ def _check_common(case: str, out: InfinityOutput) -> None:
             break
         got.append(lg)
         n += lg.shape[1]
-    torch.testing.assert_close(torch.cat(got, 1), ref5, **LOGIT_TOL)
+    assert_logits_close(torch.cat(got, 1), ref5)
     key = f"{case}.output.summed_codes"
     if key in f.tensors:
         torch.testing.assert_close(out.summed_codes, f.t(key), **CODES_TOL)
@@ -165,11 +181,13 @@ def test_fastvar_generation_bits_logits_codes(case):
         si = sizes.index(hw)
         ref = f.t(f"{case}.output.pivotal_idx_{hw[0]}x{hw[1]}")
         ours = torch.stack([torch.stack([kept[(si, layer, b)] for b in BRANCHES]) for layer in info["layers"]])
-        assert torch.equal(ours, ref)
+        # the same kept set; the order of two tokens with (near-)equal scores may swap across CPUs (fixture README)
+        assert torch.equal(ours.sort(-1).values, ref.sort(-1).values)
+        assert (ours != ref).float().mean().item() <= 0.01
         assert {layer for s, layer, _ in kept if s == si} == set(info["layers"])
         key = f"{case}.output.logits_scale{hw[0]}x{hw[1]}"
         if key in f.tensors:
-            torch.testing.assert_close(out.logits[si], f.t(key), **LOGIT_TOL)
+            assert_logits_close(out.logits[si], f.t(key))
 
 
 def _image(case: str) -> torch.Tensor:

@@ -52,6 +52,7 @@ from .infinity_layers import (
     StepContext,
     TextAttentivePool,
     TextKV,
+    rope_pair_tables,
 )
 from .infinity_rope import rope2d_table
 
@@ -155,13 +156,14 @@ class Infinity(nn.Module):
         return self.pos_start.dtype
 
     def _rope(self, sizes: tuple[tuple[int, int], ...], ref_hw: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+        """(L, head_dim) cos/sin tables of the whole schedule in the layout apply_rope2d takes (cached)."""
         key = (sizes, ref_hw, self.device)
         if key not in self._rope_cache:
             table = rope2d_table(
                 sizes, self.cfg.head_dim, mode=self.cfg.rope2d_normalized_by_hw, ref_hw=ref_hw,
                 base=self.cfg.rope_base, grid=self.cfg.rope_grid,
             ).to(self.device)
-            self._rope_cache = {key: (table[0], table[1])}
+            self._rope_cache = {key: rope_pair_tables(table[0], table[1])}
         return self._rope_cache[key]
 
     def get_logits(self, h: Tensor, cond: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from .infinity_config import InfinityConfig
 def ada_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
     """LayerNorm without affine, then ``·(1+scale)+shift`` (the official fused_ada_layer_norm, in fp32)."""
     y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
-    return y.mul(scale.add(1)).add_(shift).to(x.dtype)
+    return y.mul_(scale.add(1)).add_(shift).to(x.dtype)  # in place on the fresh layer_norm output
 
 
 class RMSNorm(nn.Module):
@@ -38,14 +38,29 @@ class RMSNorm(nn.Module):
         return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
 
 
-def apply_rope2d(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate adjacent pairs (2i, 2i+1) of q and k (B, H, L, c) by per-token angles (.., L, c/2), in fp32."""
+def rope_pair_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(.., c/2) cos/sin angles -> the (.., c) tables :func:`apply_rope2d` takes: ``cos`` repeated per pair,
+    ``sin`` as ``(-sin, +sin)`` per pair. Built once per schedule so every block rotates with whole-tensor ops."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
+def apply_rope2d(q: Tensor, k: Tensor, cos2: Tensor, sin2: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate adjacent pairs (2i, 2i+1) of q and k (B, H, L, c) by per-token angles, in fp32.
+
+    ``cos2`` / ``sin2`` are the (.., L, c) tables of :func:`rope_pair_tables`. The pair rotation
+    ``(cos·a − sin·b, sin·a + cos·b)`` is computed as ``t·cos2 + swap(t)·sin2`` with ``swap(a, b) = (b, a)``:
+    every product and sum is the same IEEE operation on the same operands (``x + (−y)`` is ``x − y``;
+    products and sums commute), so the result is bit-identical to the per-pair form, but it runs on
+    contiguous whole tensors instead of strided halves (about twice as fast on CPU). Outputs are contiguous.
+    """
 
     def rot(t: Tensor) -> Tensor:
-        tf = t.float().reshape(*t.shape[:-1], -1, 2)
-        a, b = tf[..., 0], tf[..., 1]
-        out = torch.stack([cos * a - sin * b, sin * a + cos * b], dim=-1)
-        return out.reshape(t.shape).to(t.dtype)
+        tf = t.float()
+        pairs = tf.unflatten(-1, (-1, 2))
+        swapped = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        out = torch.empty_like(tf, memory_format=torch.contiguous_format)  # the tables broadcast into t's shape
+        torch.mul(tf, cos2, out=out)
+        return out.add_(swapped.mul_(sin2)).to(t.dtype)
 
     return rot(q), rot(k)
 
@@ -71,8 +86,8 @@ def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]
     B, Lq, H, c = q.shape
     out_dtype = q.dtype
     emulate = emulate_bf16 and q.dtype == torch.float32
-    if emulate:
-        q = q.to(torch.bfloat16).float()
+    if emulate:  # q stays bf16 until its layout changes: rounding and fp32 upcast then cost one copy each
+        q = q.to(torch.bfloat16)
         kv = kv.to(torch.bfloat16).float()
     lens = {e - s for s, e in segments}
     packed = len(lens) == 1 and segments[0][0] == 0 and all(
@@ -83,13 +98,15 @@ def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]
         kvb = kv[: B * le].view(B, le, 2, H, c)
         qt, kt, vt = q.transpose(1, 2), kvb[:, :, 0].transpose(1, 2), kvb[:, :, 1].transpose(1, 2)
         if emulate:
+            q3 = qt.to(torch.float32, memory_format=torch.contiguous_format).view(B * H, Lq, c)
             o = F.scaled_dot_product_attention(
-                qt.reshape(B * H, Lq, c), kt.reshape(B * H, le, c), vt.reshape(B * H, le, c), scale=scale
+                q3, kt.reshape(B * H, le, c), vt.reshape(B * H, le, c), scale=scale
             ).view(B, H, Lq, c)
         else:
             o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
         o = o.transpose(1, 2)
     else:
+        q = q.float() if emulate else q
         outs = []
         for b, (s, e) in enumerate(segments):
             qb, kb, vb = q[b].transpose(0, 1), kv[s:e, 0].transpose(0, 1), kv[s:e, 1].transpose(0, 1)
@@ -97,10 +114,9 @@ def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]
                 qb, kb, vb = qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0)
             outs.append(F.scaled_dot_product_attention(qb, kb, vb, scale=scale).reshape(H, Lq, c).transpose(0, 1))
         o = torch.stack(outs, dim=0)
-    o = o.reshape(B, Lq, H * c)
-    if emulate:
-        o = o.to(torch.bfloat16).float()
-    return o.to(out_dtype)
+    if emulate:  # round through bf16; the fp32 upcast also makes the (transposed) output contiguous
+        o = o.to(torch.bfloat16).to(torch.float32, memory_format=torch.contiguous_format)
+    return o.reshape(B, Lq, H * c).to(out_dtype)
 
 
 class CrossAttention(nn.Module):
@@ -148,15 +164,17 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        """``cos`` / ``sin``: (.., L, c) tables of :func:`rope_pair_tables` for the tokens of ``x``."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul).contiguous()
-        k = F.normalize(k, dim=-1, eps=1e-12).contiguous()
-        v = v.contiguous()
-        q, k = apply_rope2d(q, k, cos, sin)
+        q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)  # out of place: under autocast it promotes
+        k = F.normalize(k, dim=-1, eps=1e-12)
+        if cache is None or cache.length == 0:
+            v = v.contiguous()  # later scales: the cache's concatenation copies v anyway
+        q, k = apply_rope2d(q, k, cos, sin)  # contiguous outputs: no copy of the permuted q, k before
         if cache is not None:
             k, v = cache.append(k, v)
         out = attend(q, k, v, scale=1.0, mask=mask)
@@ -177,7 +195,7 @@ class FFN(nn.Module):
 class StepContext:
     """What every block needs for the current forward: RoPE angles of its tokens, mask, KV caches."""
 
-    cos: Tensor  # (L, c/2) angles of every token of the current scale (or the whole sequence)
+    cos: Tensor  # (L, c) RoPE tables (rope_pair_tables) of every token of the current scale (or the whole sequence)
     sin: Tensor
     mask: Tensor | None = None
     caches: list[KVCache] | None = None
@@ -185,7 +203,7 @@ class StepContext:
     def rope(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
         if idx is None:
             return self.cos, self.sin
-        # per batch row: (B, n, c/2) -> broadcast over heads
+        # per batch row: (B, n, c) -> broadcast over heads
         return self.cos[idx].unsqueeze(1), self.sin[idx].unsqueeze(1)
 
 
