@@ -98,11 +98,13 @@ class PlanHooks(Hooks):
         if self.pruning and layer in r.layers and name in r.branches and (layer, name) in self.cache:
             n_keep = r.n_keep(self.si, L)
             idx = pivotal_indices(x, self.hw, n_keep)
-            C = x.shape[-1]
-            gidx = idx.unsqueeze(-1).expand(-1, -1, C)
-            y = fn(torch.gather(x, 1, gidx), idx)
+            B, C = x.shape[0], x.shape[-1]
+            # rows of the flattened (B·L, C) map: index_select / index_copy_ move the same values as
+            # gather / scatter_ along dim 1 with an expanded index, several times faster on CPU
+            rows = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * L).reshape(-1)
+            y = fn(x.reshape(B * L, C).index_select(0, rows).view(B, n_keep, C), idx)
             base = resize_tokens(self.cache[(layer, name)], self.cache_hw, self.hw, r.interp).to(y.dtype)
-            out = base.scatter_(1, gidx, y)
+            out = base.reshape(B * L, C).index_copy_(0, rows, y.reshape(B * n_keep, C)).view(B, L, C)
             self.counts[(self.si, layer, name)] = (L, n_keep)
             if self.record:
                 self.kept[(self.si, layer, name)] = idx

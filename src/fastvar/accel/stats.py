@@ -28,6 +28,10 @@ class FlopDims:
     cross_len: int = 0  # text tokens attended by cross-attention
     prefix_kv: int = 0  # tokens in every KV cache before scale 0 (e.g. HART's text prefix)
     branches: tuple[str, ...] = ("attn", "ffn")
+    # FLOPs per (CFG-doubled) batch row that run once after the last scale's blocks, outside the hooks, so no
+    # pruning plan changes them (HART's residual diffusion head: ~2/3 of a narrow model's time). Counted when
+    # the last scale runs; leaving them out would overstate every plan's predicted speedup.
+    tail_flops: float = 0.0
 
 
 def dense_counts(sizes: Sequence[tuple[int, int]], depth: int, branches: Iterable[str], skip: Iterable[int] = ()) -> Counts:
@@ -62,7 +66,10 @@ def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopD
     for si in executed:
         h, w = sizes[si]
         lin += 2 * h * w * C * dims.vocab_out
-    return {"attn_flops": attn * batch, "linear_flops": lin * batch, "total_flops": (attn + lin) * batch}
+    tail = dims.tail_flops if len(sizes) - 1 in executed else 0.0
+    lin += tail
+    return {"attn_flops": attn * batch, "linear_flops": lin * batch, "total_flops": (attn + lin) * batch,
+            "tail_flops": tail * batch}
 
 
 def tokens_per_scale(counts: Counts) -> dict[int, dict[str, int]]:

@@ -342,8 +342,12 @@ class HART(nn.Module):
     def flop_dims(self):
         from ..accel.stats import FlopDims
 
+        # After the last scale every one of its P² tokens (both CFG rows) gets word_embed(code) and the
+        # diffusion sampler: plan-independent work that dominates narrow models, so it is counted too.
+        n_last = self.patch_nums[-1] ** 2
+        tail = n_last * (self.diffloss.sample_flops_per_row() + 2 * self.Cvae * self.C)
         return FlopDims(width=self.C, ffn_hidden=self.blocks[0].ffn.gate_proj.out_features, ffn_mats=3,
-                        vocab_out=self.V, prefix_kv=self.context_token, branches=("attn", "ffn"))
+                        vocab_out=self.V, prefix_kv=self.context_token, branches=("attn", "ffn"), tail_flops=tail)
 
     def _set_kv_cache(self, on: bool) -> None:
         for blk in self.blocks:

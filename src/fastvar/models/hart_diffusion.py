@@ -103,6 +103,11 @@ class SimpleMLPAdaLN(nn.Module):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
+    def flops_per_row(self) -> int:
+        """Multiply-adds x 2 of one ``forward`` row (for FLOP estimates; norms and activations left out)."""
+        macs = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        return 2 * macs
+
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         x = self.input_proj(x)
         y = self.time_embed(t) + self.cond_embed(c)
@@ -228,6 +233,11 @@ class DiffLoss(nn.Module):
         self.num_sampling_steps = str(num_sampling_steps)
         self.train_diffusion = SpacedDiffusion("")
         self.gen_diffusion = SpacedDiffusion(self.num_sampling_steps)
+
+    def sample_flops_per_row(self) -> int:
+        """FLOPs :meth:`sample` spends per row of ``z``: the net runs on every row at every step (under CFG
+        both halves are evaluated), so no pruning of the transformer changes this."""
+        return self.gen_diffusion.num_timesteps * self.net.flops_per_row()
 
     def forward(self, target: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Training loss; draws ``randint`` steps then ``randn_like`` noise (global RNG by default)."""

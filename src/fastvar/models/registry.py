@@ -15,6 +15,7 @@ class ModelSpec:
     weights: str | None = None  # default file name (hub repo : file)
     vae_weights: str | None = None
     resolution: int = 256
+    text_encoder: str | None = None  # default text model (local folder or hub id) of text-to-image families
 
 
 def _var(depth: int, res: int) -> ModelSpec:
@@ -44,6 +45,29 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     return MODELS[name]
 
-for _name in ("infinity-2b", "infinity-8b", "infinity-layer12"):
-    MODELS[_name] = ModelSpec(name=_name, family="infinity", resolution=1024)
+# Infinity (FoundationVision/Infinity): every released file lives in the hub repo FoundationVision/Infinity; the
+# 8B transformers are folders of shards. infinity-layer12 (125M) has official builder kwargs but no released
+# checkpoint (weights None: pass --weights). All use google/flan-t5-xl as the text encoder.
+_INF_HUB = "FoundationVision/Infinity"
+for _name, _res, _w, _v in (
+    ("infinity-2b", 1024, "infinity_2b_reg.pth", "infinity_vae_d32reg.pth"),
+    ("infinity-8b", 1024, "infinity_8b_weights", "infinity_vae_d56_f8_14_patchify.pth"),
+    ("infinity-8b-512", 512, "infinity_8b_512x512_weights", "infinity_vae_d56_f8_14_patchify.pth"),
+    ("infinity-layer12", 256, None, "infinity_vae_d32reg.pth"),
+):
+    MODELS[_name] = ModelSpec(name=_name, family="infinity", resolution=_res,
+                              weights=f"{_INF_HUB}:{_w}" if _w else None, vae_weights=f"{_INF_HUB}:{_v}",
+                              text_encoder="google/flan-t5-xl")
 MODELS["infinity"] = MODELS["infinity-2b"]
+
+# HART-0.7B-1024px (mit-han-lab/hart): the architecture lives in fastvar.models.hart (HART_0_7B); these are the
+# facts the CLI needs before building it. One hub repo holds both folders: llm/ (transformer) and tokenizer/.
+# The text model is the README's download (sample.py's --text_model_path points at a local clone of it).
+MODELS["hart-0.7b"] = ModelSpec(
+    name="hart-0.7b", family="hart",
+    config=dict(depth=24, embed_dim=1536, num_heads=24, context_token=300, context_dim=1536,
+                patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)),
+    weights="mit-han-lab/hart-0.7b-1024px:llm", vae_weights="mit-han-lab/hart-0.7b-1024px:tokenizer",
+    resolution=1024, text_encoder="mit-han-lab/Qwen2-VL-1.5B-Instruct",
+)
+MODELS["hart"] = MODELS["hart-0.7b"]

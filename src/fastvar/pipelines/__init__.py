@@ -34,4 +34,14 @@ def load_pipeline(spec: ModelSpec, weights=None, vae_weights=None, text_encoder=
                                  "--weights/--vae-weights/--text-encoder")
             return HARTPipeline.random_init(name, device=device, dtype=dtype, **kwargs)
         return HARTPipeline.from_pretrained(name, weights, vae_weights, text_encoder, device=device, dtype=dtype, **kwargs)
+    if spec.family == "infinity":
+        from .infinity import InfinityPipeline
+
+        if random_init:
+            if weights or vae_weights or text_encoder:
+                raise ValueError("--random-init builds random weights and random text features; drop "
+                                 "--weights/--vae-weights/--text-encoder")
+            return InfinityPipeline.random_init(spec.name, device=device, dtype=dtype, **kwargs)
+        return InfinityPipeline.from_pretrained(spec.name, weights, vae_weights, text_encoder, device=device, dtype=dtype,
+                                                **kwargs)
     raise NotImplementedError(f"no pipeline for the {spec.family} family yet")
