@@ -26,6 +26,12 @@ class GenerationResult:
     latent: Tensor | None = None
 
 
+def with_defaults(defaults: dict, **given):
+    """The sampling options of one call: what the caller gave, the pipeline's (official) default for None."""
+    vals = tuple(defaults[k] if v is None else v for k, v in given.items())
+    return vals if len(vals) > 1 else vals[0]
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..accel import AccelPlan
 from ..models.hart import HART, HARTConfig, hart_config
 from ..sampling import make_generator
-from .common import GenerationResult, PlanRunner, default_device, resolve_dtype
+from .common import GenerationResult, PlanRunner, default_device, resolve_dtype, with_defaults
 
 HART_DEFAULTS: dict[str, Any] = dict(
     cfg=4.5,  # sample.py / app.py default
@@ -276,10 +276,7 @@ class HARTPipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("HART needs one or more prompt strings (--prompts)")
         d = self.defaults
-        cfg = d["cfg"] if cfg is None else cfg
-        top_k = d["top_k"] if top_k is None else top_k
-        top_p = d["top_p"] if top_p is None else top_p
-        more_smooth = d["more_smooth"] if more_smooth is None else more_smooth
+        cfg, top_k, top_p, more_smooth = with_defaults(d, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
         B, dev = len(prompts), self.device
         with torch.inference_mode(), self._amp():
             context, pos = self.encode_prompts(prompts)

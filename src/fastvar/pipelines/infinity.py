@@ -51,7 +51,7 @@ from ..schedules_infinity import (
     nearest_aspect,
 )
 from ..text.condition import TextCondition, pack_text_features
-from .common import GenerationResult, PlanRunner, default_device, resolve_dtype
+from .common import GenerationResult, PlanRunner, default_device, resolve_dtype, with_defaults
 
 # Sampling defaults of the official inference (tools/run_infinity_pipeline.py and the 2B notebook: cfg 3,
 # tau 0.5, gen_one_img's top_k 900 / top_p 0.97, CFG mixed on the logits); the 8B notebook uses tau 1.0.
@@ -448,11 +448,8 @@ class InfinityPipeline:
         """
         prompts = self.check_prompts(conditions)
         d = self.defaults
-        cfg = d["cfg"] if cfg is None else cfg
-        tau = d["tau"] if tau is None else tau
-        top_k = d["top_k"] if top_k is None else top_k
-        top_p = d["top_p"] if top_p is None else top_p
-        layer = d["cfg_insertion_layer"] if cfg_insertion_layer is None else cfg_insertion_layer
+        cfg, tau, top_k, top_p, layer = with_defaults(d, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                                                      cfg_insertion_layer=cfg_insertion_layer)
         B = len(prompts)
         with torch.inference_mode():
             text = self.encode_prompts(prompts)

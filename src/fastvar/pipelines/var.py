@@ -17,7 +17,7 @@ from ..checkpoints import load_checked, read_state_dict, resolve_file
 from ..models.registry import VAE_VAR_CONFIG, ModelSpec, get_spec
 from ..models.var import VAR
 from ..sampling import make_generator
-from .common import GenerationResult, PlanRunner, default_device, resolve_dtype
+from .common import GenerationResult, PlanRunner, default_device, resolve_dtype, with_defaults
 
 
 def _guess_var(sd) -> str:
@@ -114,10 +114,7 @@ class VARPipeline:
         """Generate one image per class id. ``decode=False`` returns latents (``result.latent``) only."""
         classes = self.check_classes(classes)
         d = self.defaults
-        cfg = d["cfg"] if cfg is None else cfg
-        top_k = d["top_k"] if top_k is None else top_k
-        top_p = d["top_p"] if top_p is None else top_p
-        more_smooth = d["more_smooth"] if more_smooth is None else more_smooth
+        cfg, top_k, top_p, more_smooth = with_defaults(d, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
         B = len(classes)
         dev = self.device
         labels = torch.tensor(classes, dtype=torch.long, device=dev)
