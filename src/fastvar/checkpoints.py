@@ -52,6 +52,23 @@ def diff_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> tuple[l
     return missing, unexpected, shapes
 
 
+def mismatch_error(what: str, missing: list, unexpected: list, shapes: list, looks_like: str | None = None
+                   ) -> CheckpointError | None:
+    """The one message every loader gives for a file that does not fit: what differs, and what it looks like."""
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"checkpoint does not match {what}:"]
+    if missing:
+        parts.append(f"  {len(missing)} missing key(s), first: {missing[:5]}")
+    if unexpected:
+        parts.append(f"  {len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
+    if shapes:
+        parts.append(f"  {len(shapes)} shape mismatch(es), first: {shapes[:5]}")
+    if looks_like is not None:
+        parts.append(f"  the file looks like: {looks_like}")
+    return CheckpointError("\n".join(parts))
+
+
 def load_checked(
     model: nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -62,17 +79,10 @@ def load_checked(
     """``load_state_dict(strict=True)`` with an error that says what differs and what the file looks like."""
     sd = {k: v for k, v in sd.items() if not any(re.fullmatch(p, k) for p in ignore)}
     missing, unexpected, shapes = diff_state_dict(model, sd)
-    if missing or unexpected or shapes:
-        parts = [f"checkpoint does not match {what}:"]
-        if missing:
-            parts.append(f"  {len(missing)} missing key(s), first: {missing[:5]}")
-        if unexpected:
-            parts.append(f"  {len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
-        if shapes:
-            parts.append(f"  {len(shapes)} shape mismatch(es), first: {shapes[:5]}")
-        if guess is not None:
-            parts.append(f"  the file looks like: {guess(sd)}")
-        raise CheckpointError("\n".join(parts))
+    err = mismatch_error(what, missing, unexpected, shapes, guess(sd) if guess is not None and (missing or unexpected or shapes)
+                         else None)
+    if err is not None:
+        raise err
     model.load_state_dict(sd, strict=True)
 
 

@@ -593,7 +593,7 @@ def guess_hart_config(sd: dict[str, Tensor]) -> str:
 
 def load_hart_state(model: HART, sd: dict[str, Tensor], what: str = "the HART transformer") -> None:
     """Strict load that tolerates a missing ``attn_bias_for_masking`` (it is rebuilt from the config)."""
-    from ..checkpoints import CheckpointError
+    from ..checkpoints import mismatch_error
 
     own = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()]}
     missing = [k for k in own if k not in sd]
@@ -601,15 +601,8 @@ def load_hart_state(model: HART, sd: dict[str, Tensor], what: str = "the HART tr
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        lines = [f"checkpoint does not match {what} ({guess_hart_config(dict(own))}):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing key(s), first: {missing[:5]}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
-        if shapes:
-            lines.append(f"  {len(shapes)} shape mismatch(es), first: {shapes[:5]}")
-        lines.append(f"  the file looks like: {guess_hart_config(sd)}")
-        raise CheckpointError("\n".join(lines))
+        raise mismatch_error(f"{what} ({guess_hart_config(dict(own))})", missing, unexpected, shapes,
+                             guess_hart_config(sd))
     model.load_state_dict(sd, strict=True)
 
 

@@ -156,7 +156,7 @@ def load_infinity_state(model: Infinity, state_dict: dict[str, Tensor], strict: 
     remaining missing/unexpected key or shape mismatch raises a ``CheckpointError`` naming them (pass
     ``strict=False`` to load a sharded checkpoint shard by shard: then only shape mismatches raise).
     """
-    from ..checkpoints import CheckpointError, diff_state_dict
+    from ..checkpoints import diff_state_dict, mismatch_error
 
     sd = dict(state_dict)
     for k in list(sd):
@@ -173,15 +173,8 @@ def load_infinity_state(model: Infinity, state_dict: dict[str, Tensor], strict: 
     if not strict:
         missing, unexpected = [], []
     if missing or unexpected or shapes:
-        parts = [f"checkpoint does not match this Infinity (depth {model.depth}, width {model.C}, d_vae {model.d_vae}):"]
-        if missing:
-            parts.append(f"  {len(missing)} missing key(s), first: {missing[:5]}")
-        if unexpected:
-            parts.append(f"  {len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
-        if shapes:
-            parts.append(f"  {len(shapes)} shape mismatch(es), first: {shapes[:5]}")
-        parts.append(f"  the file looks like: {guess_infinity_config(sd)}")
-        raise CheckpointError("\n".join(parts))
+        raise mismatch_error(f"this Infinity (depth {model.depth}, width {model.C}, d_vae {model.d_vae})", missing,
+                             unexpected, shapes, guess_infinity_config(sd))
     model.load_state_dict(sd, strict=strict, assign=assign)
 
 

@@ -520,7 +520,7 @@ def load_bsq_vae_state(
     :class:`~fastvar.checkpoints.CheckpointError` naming the first ones (``strict=False``: only shape
     mismatches raise, for partial loads). ``use_ema`` reads the ``'ema'`` entry instead of ``'vae'``.
     """
-    from ..checkpoints import CheckpointError, read_state_dict
+    from ..checkpoints import mismatch_error, read_state_dict
 
     top = "ema" if use_ema else "vae"
     if isinstance(state_dict_or_path, (str, os.PathLike)):
@@ -550,15 +550,7 @@ def load_bsq_vae_state(
     if not strict:
         missing, unexpected = [], []
     if missing or unexpected or shapes:
-        parts = [f"checkpoint does not match this BSQ-VAE ({_describe(model.cfg)}):"]
-        if missing:
-            parts.append(f"  {len(missing)} missing key(s), first: {missing[:5]}")
-        if unexpected:
-            parts.append(f"  {len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
-        if shapes:
-            parts.append(f"  {len(shapes)} shape mismatch(es), first: {shapes[:5]}")
-        parts.append(f"  the file looks like: {_guess(sd)}")
-        raise CheckpointError("\n".join(parts))
+        raise mismatch_error(f"this BSQ-VAE ({_describe(model.cfg)})", missing, unexpected, shapes, _guess(sd))
     model.load_state_dict(mapped, strict=strict, assign=assign)
     return model
 
