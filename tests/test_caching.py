@@ -56,13 +56,7 @@ class _TinyDecoder(nn.Module):
         return torch.tanh(self.to_rgb(F.interpolate(f_hat, scale_factor=2, mode="nearest")))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A model this small is dominated by thread hand-offs; on a loaded CI box 2 threads run ~8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ TINY = dict(depth=2, embed_dim=16, num_heads=1, text_tokens=8, text_channels=16,
 WORDS = ["<|endoftext|>", "<unk>", "a", "red", "cat", "on", "the", "mat", "given", "prompt", ":"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

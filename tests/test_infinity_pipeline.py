@@ -31,13 +31,7 @@ VAE_CFG = BSQVAEConfig(16, patch_size=16, base_ch=32, num_res_blocks=1, encoder_
 PROMPTS = ["a red fox in the snow", "a blue house"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dominated by thread hand-offs; one thread is faster and steadier on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
