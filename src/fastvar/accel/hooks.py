@@ -40,6 +40,14 @@ class Hooks:
     def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
         """Called before the blocks run on the tokens of scale ``si`` of size ``hw``."""
 
+    def kv_tokens(self, sizes: Sequence[tuple[int, int]], layer: int) -> int:
+        """Most tokens block ``layer`` appends to its KV cache in this generation (after ``begin``).
+
+        Backbones size their caches with it (one buffer instead of a concatenation per scale); a policy
+        that forwards fewer tokens returns less. Never used for results: an underestimate only costs speed.
+        """
+        return sum(h * w for h, w in sizes)
+
     def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
         return fn(x, None)
 

@@ -19,22 +19,43 @@ except Exception:  # pragma: no cover - flash-attn is never installed on CPU mac
 
 
 class KVCache:
-    """Keys and values of earlier scales, concatenated along the sequence dim (B, H, L, c)."""
+    """Keys and values of earlier scales along the sequence dim (B, H, L, c).
 
-    def __init__(self) -> None:
+    With a ``capacity`` (tokens this layer will append over the generation, known from the schedule and
+    the active plan) the first append allocates one buffer and later appends write into it: no copy of
+    the whole cache at every scale, no fresh allocation (on CPU, page faults) per scale. ``k`` / ``v``
+    are then views of the filled part, with the same values a concatenation would give. Appending past
+    the capacity falls back to concatenation, so a wrong hint costs speed, never correctness.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self._kbuf: Tensor | None = None
+        self._vbuf: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is None:
+        n, old = k.shape[2], self.length
+        if self.capacity is not None and old + n <= self.capacity:
+            if self._kbuf is None:
+                B, H, _, c = k.shape
+                self._kbuf = k.new_empty(B, H, self.capacity, c)
+                self._vbuf = v.new_empty(B, H, self.capacity, v.shape[-1])
+            self._kbuf[:, :, old:old + n].copy_(k)
+            self._vbuf[:, :, old:old + n].copy_(v)
+            self.k, self.v = self._kbuf[:, :, :old + n], self._vbuf[:, :, :old + n]
+        elif self.k is None:
             self.k, self.v = k, v
         else:
             self.k = torch.cat((self.k, k), dim=2)
             self.v = torch.cat((self.v, v), dim=2)
+            self._kbuf = self._vbuf = None
+            self.capacity = None
         return self.k, self.v
 
     def clear(self) -> None:
-        self.k = self.v = None
+        self.k = self.v = self._kbuf = self._vbuf = None
 
     @property
     def length(self) -> int:

@@ -350,8 +350,9 @@ class HART(nn.Module):
                         vocab_out=self.V, prefix_kv=self.context_token, branches=("attn", "ffn"), tail_flops=tail)
 
     def _set_kv_cache(self, on: bool) -> None:
-        for blk in self.blocks:
-            blk.attn.kv_cache = KVCache() if on else None
+        sizes = self.schedule.sizes
+        for i, blk in enumerate(self.blocks):
+            blk.attn.kv_cache = KVCache(self.hooks.kv_tokens(sizes, i) + self.context_token - 1) if on else None
 
     def _lvl_pos(self) -> Tensor:
         return self.lvl_embed(self.lvl_1L)

@@ -308,13 +308,14 @@ class Infinity(nn.Module):
             starts.append(starts[-1] + h * w)
         patchify = self.cfg.apply_spatial_patchify
         full_hw = (sizes[-1][0] * 2, sizes[-1][1] * 2) if patchify else sizes[-1]
-        caches = [KVCache() for _ in range(self.depth)]
         hooks = self.hooks
         bits_out: list[Tensor | None] = [None] * n
         logits_out: list[Tensor | None] | None = [None] * n if return_logits else None
         executed: list[int] = []
         summed: Tensor | int = 0
         hooks.begin(sizes, bs)
+        caches = [KVCache(hooks.kv_tokens(sizes, i)) for i in range(self.depth)]
+        memo: dict = {}
         try:
             for si, (h, w) in enumerate(sizes):
                 if hooks.skip_scale(si):
@@ -330,7 +331,7 @@ class Infinity(nn.Module):
                     x = self.word_embed(inp.to(self.dtype)).repeat(bs // B, 1, 1)
                 hooks.begin_scale(si, (h, w))
                 rows = slice(starts[si], starts[si + 1])
-                step = StepContext(cos=cos_all[rows], sin=sin_all[rows], caches=caches)
+                step = StepContext(cos=cos_all[rows], sin=sin_all[rows], caches=caches, memo=memo)
                 for ci, chunk in enumerate(self._chunks):
                     if ci == 0 or not self.cfg.add_lvl_embeding_only_first_block:
                         x = x + self.lvl_embed.weight[si]

@@ -23,8 +23,13 @@ from .infinity_config import InfinityConfig
 
 def ada_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
     """LayerNorm without affine, then ``·(1+scale)+shift`` (the official fused_ada_layer_norm, in fp32)."""
+    return ada_layer_norm_p1(x, scale.add(1), shift, eps)
+
+
+def ada_layer_norm_p1(x: Tensor, scale_plus_one: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """:func:`ada_layer_norm` with ``1 + scale`` already computed (blocks do it once per generation)."""
     y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
-    return y.mul_(scale.add(1)).add_(shift).to(x.dtype)  # in place on the fresh layer_norm output
+    return y.mul_(scale_plus_one).add_(shift).to(x.dtype)  # in place on the fresh layer_norm output
 
 
 class RMSNorm(nn.Module):
@@ -73,50 +78,98 @@ class TextKV:
     segments: list[tuple[int, int]]
 
 
-def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]], scale: float, emulate_bf16: bool) -> Tensor:
-    """Query row b of ``q`` (B, Lq, H, c) attends only to the key rows of caption b (``kv``: (N, 2, H, c)).
+@dataclass
+class CrossKV:
+    """Caption keys/values in the layout the attention call takes, prepared once per generation per block.
 
-    Equivalent to flash-attn's varlen kvpacked call the official code makes. In float32 that call runs
-    in bf16 (inputs and output rounded), which ``emulate_bf16`` reproduces with fp32 attention in
-    between; the fixtures' reference computed that fp32 attention per caption with 3-D
-    ``scaled_dot_product_attention`` (PyTorch's math kernel, which pre-scales q and k by sqrt(scale)),
-    so the emulation uses the same call to match it bit for bit. Otherwise (bf16/fp16 models) one 4-D
-    SDPA call per group of equal-length captions uses the fused kernels.
-    """
-    B, Lq, H, c = q.shape
-    out_dtype = q.dtype
-    emulate = emulate_bf16 and q.dtype == torch.float32
-    if emulate:  # q stays bf16 until its layout changes: rounding and fp32 upcast then cost one copy each
-        q = q.to(torch.bfloat16)
+    The text is the same at every scale, so its projection, bf16 rounding, head-major copies and (fp32
+    emulation) the key scaling are computed once instead of once per scale (same operations, same values).
+    ``k`` is then ``kᵀ·sqrt(scale)`` (see :func:`_math_attention`)."""
+
+    packed: bool
+    emulate: bool
+    scale: float
+    k: Tensor | list[Tensor]
+    v: Tensor | list[Tensor]
+
+
+def prepare_cross_kv(kv: Tensor, segments: list[tuple[int, int]], emulate: bool, scale: float) -> CrossKV:
+    """``kv`` (N, 2, H, c) caption keys/values -> :class:`CrossKV` for :func:`cross_attend`."""
+    _, _, H, c = kv.shape
+    root = math.sqrt(scale)
+    if emulate:  # flash-attn's bf16 inputs, attended in fp32 (see cross_attend)
         kv = kv.to(torch.bfloat16).float()
     lens = {e - s for s, e in segments}
     packed = len(lens) == 1 and segments[0][0] == 0 and all(
         segments[i][1] == segments[i + 1][0] for i in range(len(segments) - 1)
     )
     if packed:  # every caption has the same length: one batched call
-        le = lens.pop()
+        B, le = len(segments), lens.pop()
         kvb = kv[: B * le].view(B, le, 2, H, c)
-        qt, kt, vt = q.transpose(1, 2), kvb[:, :, 0].transpose(1, 2), kvb[:, :, 1].transpose(1, 2)
+        kt, vt = kvb[:, :, 0].transpose(1, 2), kvb[:, :, 1].transpose(1, 2)
+        if emulate:
+            kt, vt = kt.reshape(B * H, le, c).transpose(-2, -1) * root, vt.reshape(B * H, le, c)
+        return CrossKV(True, emulate, scale, kt, vt)
+    ks, vs = [], []
+    for s, e in segments:
+        kb, vb = kv[s:e, 0].transpose(0, 1), kv[s:e, 1].transpose(0, 1)
+        if emulate:
+            kb = kb.transpose(-2, -1) * root
+        else:
+            kb, vb = kb.unsqueeze(0), vb.unsqueeze(0)
+        ks.append(kb)
+        vs.append(vb)
+    return CrossKV(False, emulate, scale, ks, vs)
+
+
+def _math_attention(q: Tensor, k_t_scaled: Tensor, v: Tensor, scale: float) -> Tensor:
+    """3-D fp32 attention with the operations of PyTorch's math SDPA kernel, which the fixtures' reference
+    ran: q and k each pre-scaled by sqrt(scale), ``bmm``, softmax, ``bmm``. Bit-identical to
+    ``F.scaled_dot_product_attention`` without a mask (tests/test_infinity_layers.py), but the key scaling
+    is done once per generation and the kernel's fully-masked-row passes (no mask here) are skipped."""
+    return torch.bmm(torch.softmax(torch.bmm(q * math.sqrt(scale), k_t_scaled), -1), v)
+
+
+def cross_attend(q: Tensor, kv: CrossKV) -> Tensor:
+    """Query row b of ``q`` (B, Lq, H, c) attends only to the keys of caption b.
+
+    Equivalent to flash-attn's varlen kvpacked call the official code makes. In float32 that call runs
+    in bf16 (inputs and output rounded), which ``kv.emulate`` reproduces with fp32 attention in between,
+    computed as the fixtures' reference did (PyTorch's math kernel per caption, :func:`_math_attention`).
+    Otherwise (bf16/fp16 models) one 4-D SDPA call per group of equal-length captions uses the fused kernels.
+    """
+    B, Lq, H, c = q.shape
+    out_dtype = q.dtype
+    emulate = kv.emulate and q.dtype == torch.float32
+    if emulate:  # q stays bf16 until its layout changes: rounding and fp32 upcast then cost one copy each
+        q = q.to(torch.bfloat16)
+    if kv.packed:
+        qt = q.transpose(1, 2)
         if emulate:
             q3 = qt.to(torch.float32, memory_format=torch.contiguous_format).view(B * H, Lq, c)
-            o = F.scaled_dot_product_attention(
-                q3, kt.reshape(B * H, le, c), vt.reshape(B * H, le, c), scale=scale
-            ).view(B, H, Lq, c)
+            o = _math_attention(q3, kv.k, kv.v, kv.scale).view(B, H, Lq, c)
         else:
-            o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+            o = F.scaled_dot_product_attention(qt, kv.k, kv.v, scale=kv.scale)
         o = o.transpose(1, 2)
     else:
         q = q.float() if emulate else q
         outs = []
-        for b, (s, e) in enumerate(segments):
-            qb, kb, vb = q[b].transpose(0, 1), kv[s:e, 0].transpose(0, 1), kv[s:e, 1].transpose(0, 1)
-            if not emulate:
-                qb, kb, vb = qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0)
-            outs.append(F.scaled_dot_product_attention(qb, kb, vb, scale=scale).reshape(H, Lq, c).transpose(0, 1))
+        for b, (kb, vb) in enumerate(zip(kv.k, kv.v)):
+            qb = q[b].transpose(0, 1)
+            if emulate:
+                ob = _math_attention(qb, kb, vb, kv.scale)
+            else:
+                ob = F.scaled_dot_product_attention(qb.unsqueeze(0), kb, vb, scale=kv.scale)
+            outs.append(ob.reshape(H, Lq, c).transpose(0, 1))
         o = torch.stack(outs, dim=0)
     if emulate:  # round through bf16; the fp32 upcast also makes the (transposed) output contiguous
         o = o.to(torch.bfloat16).to(torch.float32, memory_format=torch.contiguous_format)
     return o.reshape(B, Lq, H * c).to(out_dtype)
+
+
+def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]], scale: float, emulate_bf16: bool) -> Tensor:
+    """:func:`cross_attend` with keys/values prepared on the fly (``kv``: (N, 2, H, c))."""
+    return cross_attend(q, prepare_cross_kv(kv, segments, emulate_bf16 and q.dtype == torch.float32, scale))
 
 
 class CrossAttention(nn.Module):
@@ -135,18 +188,23 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor | None, text: TextKV) -> Tensor:
+    def text_kv(self, text: TextKV) -> CrossKV:
+        """The caption keys/values of this layer (depend only on the text: once per generation)."""
         N = text.kv.shape[0]
         kv = F.linear(text.kv, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
         kv = kv.view(N, 2, self.num_heads, self.head_dim)
+        return prepare_cross_kv(kv, text.segments, self.emulate_bf16 and kv.dtype == torch.float32,
+                                1 / math.sqrt(self.head_dim))
+
+    def forward(self, x: Tensor | None, text: TextKV, kv: CrossKV | None = None) -> Tensor:
+        kv = self.text_kv(text) if kv is None else kv
         if self.pool:
             B = len(text.segments)
-            q = self.mat_q.repeat(B, 1, 1).to(kv.dtype).view(B, 1, self.num_heads, self.head_dim)
+            q = self.mat_q.repeat(B, 1, 1).to(text.kv.dtype).view(B, 1, self.num_heads, self.head_dim)
         else:
             B, Lq = x.shape[:2]
             q = self.mat_q(x).view(B, Lq, self.num_heads, self.head_dim)
-        o = varlen_cross_attention(q, kv, text.segments, 1 / math.sqrt(self.head_dim), self.emulate_bf16)
-        return self.proj(o)
+        return self.proj(cross_attend(q, kv))
 
 
 class SelfAttention(nn.Module):
@@ -163,17 +221,22 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def constants(self) -> tuple[Tensor, Tensor]:
+        """qkv bias and per-head attention scale: functions of the weights only (once per generation)."""
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        return bias, self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                consts: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``cos`` / ``sin``: (.., L, c) tables of :func:`rope_pair_tables` for the tokens of ``x``."""
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        bias, scale_mul = self.constants() if consts is None else consts
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)
-        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)  # out of place: under autocast it promotes
         k = F.normalize(k, dim=-1, eps=1e-12)
-        if cache is None or cache.length == 0:
-            v = v.contiguous()  # later scales: the cache's concatenation copies v anyway
+        if cache is None or (cache.length == 0 and cache.capacity is None):
+            v = v.contiguous()  # otherwise the cache copies v (into its buffer, or by concatenation)
         q, k = apply_rope2d(q, k, cos, sin)  # contiguous outputs: no copy of the permuted q, k before
         if cache is not None:
             k, v = cache.append(k, v)
@@ -192,6 +255,20 @@ class FFN(nn.Module):
 
 
 @dataclass
+class BlockConstants:
+    """What a block computes from the condition and its weights alone: identical at every scale."""
+
+    gamma1: Tensor
+    gamma2: Tensor
+    scale1p: Tensor  # 1 + scale1
+    scale2p: Tensor
+    shift1: Tensor
+    shift2: Tensor
+    sa: tuple[Tensor, Tensor]
+    ca_kv: CrossKV
+
+
+@dataclass
 class StepContext:
     """What every block needs for the current forward: RoPE angles of its tokens, mask, KV caches."""
 
@@ -199,6 +276,9 @@ class StepContext:
     sin: Tensor
     mask: Tensor | None = None
     caches: list[KVCache] | None = None
+    # per-generation constants of each block (AdaLN terms, caption keys/values), filled by the first scale
+    # and reused by the others; None (one forward) computes them in place
+    memo: dict[int, BlockConstants] | None = None
 
     def rope(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
         if idx is None:
@@ -224,20 +304,31 @@ class InfinityBlock(nn.Module):
         else:
             self.ca_gamma = None
 
-    def forward(self, x: Tensor, cond_gss: Tensor, text: TextKV, step: StepContext, hooks: Hooks) -> Tensor:
+    def constants(self, cond_gss: Tensor, text: TextKV) -> BlockConstants:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_gss).unbind(2)
+        return BlockConstants(gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2,
+                              self.sa.constants(), self.ca.text_kv(text))
+
+    def forward(self, x: Tensor, cond_gss: Tensor, text: TextKV, step: StepContext, hooks: Hooks) -> Tensor:
+        memo = step.memo
+        k = memo.get(self.layer_idx) if memo is not None else None
+        if k is None:
+            k = self.constants(cond_gss, text)
+            if memo is not None:
+                memo[self.layer_idx] = k
         cache = step.caches[self.layer_idx] if step.caches is not None else None
 
         def attn(t: Tensor, idx: Tensor | None) -> Tensor:
             cos, sin = step.rope(idx)
-            return self.sa(ada_layer_norm(t, scale1, shift1, self.eps), cos, sin, step.mask, cache).mul_(gamma1)
+            h = ada_layer_norm_p1(t, k.scale1p, k.shift1, self.eps)
+            return self.sa(h, cos, sin, step.mask, cache, k.sa).mul_(k.gamma1)
 
         def cross(t: Tensor, idx: Tensor | None) -> Tensor:
-            y = self.ca(self.ca_norm(t), text)
+            y = self.ca(self.ca_norm(t), text, k.ca_kv)
             return y if self.ca_gamma is None else y.mul_(self.ca_gamma)
 
         def ffn(t: Tensor, idx: Tensor | None) -> Tensor:
-            return self.ffn(ada_layer_norm(t, scale2, shift2, self.eps)).mul(gamma2)
+            return self.ffn(ada_layer_norm_p1(t, k.scale2p, k.shift2, self.eps)).mul(k.gamma2)
 
         x = x + hooks.branch(self.layer_idx, "attn", x, attn)
         x = x + hooks.branch(self.layer_idx, "cross", x, cross)

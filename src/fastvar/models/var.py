@@ -247,8 +247,9 @@ class VAR(nn.Module):
         return get_cache_statistics(self)
 
     def _set_kv_cache(self, on: bool) -> None:
-        for blk in self.blocks:
-            blk.attn.kv_cache = KVCache() if on else None
+        sizes = self.schedule.sizes
+        for i, blk in enumerate(self.blocks):
+            blk.attn.kv_cache = KVCache(self.hooks.kv_tokens(sizes, i)) if on else None
 
     def _lvl_pos(self) -> Tensor:
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC
