@@ -186,3 +186,52 @@ def test_side_refs_never_fall_back_to_token_counts():
     r = get_preset("fastvar", "infinity").resolve(sched, 6)
     assert r.skip == frozenset() and r.keep == {}
     assert sched.resolve("t64") == 4
+
+
+def test_kv_cache_buffer_gives_the_concatenation():
+    from fastvar.layers.attention import KVCache
+
+    torch.manual_seed(0)
+    chunks = [(torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)) for n in (1, 4, 9, 16)]
+    for capacity in (30, 14, None):  # exact, too small (falls back to concatenation), no hint
+        cache = KVCache(capacity)
+        for i, (k, v) in enumerate(chunks):
+            ck, cv = cache.append(k.transpose(1, 2).contiguous().transpose(1, 2), v)  # strided k like a permuted qkv
+            assert torch.equal(ck, torch.cat([c[0] for c in chunks[: i + 1]], dim=2))
+            assert torch.equal(cv, torch.cat([c[1] for c in chunks[: i + 1]], dim=2))
+        assert cache.length == 30
+
+
+@pytest.mark.parametrize("plan", ["fastvar", "fastvar-strong", "skip-last",
+                                  AccelPlan(name="t", keep={"13": 0.6, "16": 0.25}, layers=(1, 3), branches=("attn", "ffn"))])
+def test_kv_capacity_is_exactly_what_each_layer_appends(pipe, plan, monkeypatch):
+    """The plan sizes every layer's KV buffer; a wrong size would silently fall back to concatenation."""
+    from fastvar.layers import attention
+
+    made = []
+    orig = attention.KVCache.__init__
+
+    def spy(self, capacity=None):
+        orig(self, capacity)
+        made.append(self)
+
+    monkeypatch.setattr(attention.KVCache, "__init__", spy)
+    res = pipe([0, 1], seed=0, plan=plan, record=True)
+    hooks: PlanHooks = res.stats["hooks"]
+    sizes = Schedule.square(PATCH_NUMS).sizes
+    assert len(made) == 4
+    for layer, cache in enumerate(made):
+        appended = sum(n for (si, ly, b), (_, n) in hooks.counts.items() if ly == layer and b == "attn")
+        assert hooks.kv_tokens(sizes, layer) == appended
+        assert cache.capacity == appended  # no fallback happened
+        assert cache._kbuf is not None and cache._kbuf.shape[2] == appended
+
+
+def test_pivotal_order_is_the_published_one():
+    """Same ops as the published FastVAR code (pool mean, squared distance, descending argsort): same order."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 40 * 40, 32)
+    grid = x.view(2, 40, 40, 32).permute(0, 3, 1, 2)
+    mean = F.adaptive_avg_pool2d(grid, (1, 1)).permute(0, 2, 3, 1).view(2, 1, 32)
+    ref = torch.argsort(torch.sum((x - mean) ** 2, dim=-1, keepdim=True), dim=1, descending=True)[:, :800, 0]
+    assert torch.equal(pivotal_indices(x, (40, 40), 800), ref)
