@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..accel.hooks import IDENTITY, Hooks
 from ..layers.attention import KVCache, attend
+from ..layers.norm import RMSNorm
 from ..sampling import gumbel_softmax_smooth, make_generator, sample_top_k_top_p_
 from ..schedules import Schedule
 from .hart_diffusion import DiffLoss, TimestepEmbedder
@@ -134,20 +135,6 @@ def hart_config(name: str = "hart-0.7b", **overrides: Any) -> HARTConfig:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-class RMSNorm(nn.Module):
-    """``x·rsqrt(mean(x²)+eps)·w`` accumulated in float32 (the fused kernel's formula)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return out.to(x.dtype)
-
-
 def rotate_half(x: Tensor) -> Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)

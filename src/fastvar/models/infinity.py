@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..accel.hooks import IDENTITY, Hooks
 from ..layers.attention import KVCache
+from ..layers.norm import RMSNorm
 from ..sampling import make_generator, sample_top_k_top_p_
 from ..schedules_infinity import accumulate_codes, bits_to_codes, next_scale_input
 from ..schedules_infinity import schedule_sizes as scale_sizes
@@ -47,7 +48,6 @@ from .infinity_layers import (
     AdaLNBeforeHead,
     BlockChunk,
     InfinityBlock,
-    RMSNorm,
     SharedAdaLin,
     StepContext,
     TextAttentivePool,

@@ -32,17 +32,6 @@ def ada_layer_norm_p1(x: Tensor, scale_plus_one: Tensor, shift: Tensor, eps: flo
     return y.mul_(scale_plus_one).add_(shift).to(x.dtype)  # in place on the fresh layer_norm output
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
-
-
 def rope_pair_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """(.., c/2) cos/sin angles -> the (.., c) tables :func:`apply_rope2d` takes: ``cos`` repeated per pair,
     ``sin`` as ``(-sin, +sin)`` per pair. Built once per schedule so every block rotates with whole-tensor ops."""
