@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from fastvar.checkpoints import CheckpointError
 from fastvar.models.hart import HART, HARTConfig, block_causal_bias, hart_config, load_hart_folder
 
+from ._tiny_text import tiny_qwen2, word_tokenizer
 from .parity.conftest import manifest_files
 
 
@@ -143,18 +144,10 @@ WORDS = ["<|endoftext|>", "<unk>", "a", "red", "cat", "on", "the", "mat", "given
 
 
 def _qwen(max_length: int = 8, system: str | None = "given a prompt :"):
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from fastvar.text.qwen2 import Qwen2TextEncoder
 
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return Qwen2TextEncoder(transformers.Qwen2Model(cfg), tokenizer, max_length=max_length, system_prompt=system)
+    return Qwen2TextEncoder(tiny_qwen2(len(WORDS), layers=2, max_positions=64), word_tokenizer(WORDS, "qwen"),
+                            max_length=max_length, system_prompt=system)
 
 
 def test_qwen2_context_matches_encode_prompts():

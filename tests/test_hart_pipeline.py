@@ -13,6 +13,8 @@ from fastvar.accel import AccelPlan, CacheConfig
 from fastvar.models.hart import HART, HARTConfig
 from fastvar.pipelines.hart import HARTPipeline, random_context
 
+from ._tiny_text import tiny_qwen2, word_tokenizer
+
 # The three largest scales are the real ones, so the `fastvar` preset (48 and 64, cached from 36) prunes.
 PATCH_NUMS = (1, 2, 36, 48, 64)
 TINY = dict(depth=2, embed_dim=16, num_heads=1, text_tokens=8, text_channels=16, diff_width=16, diff_depth=1,
@@ -136,17 +138,8 @@ def test_feature_caching_plan(pipe, base):
 
 # ---------------------------------------------------------------------------------------------- official folders
 def _tiny_qwen(folder):
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
-    transformers.Qwen2Model(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tiny_qwen2(len(WORDS), layers=1, max_positions=512).save_pretrained(folder)
+    word_tokenizer(WORDS, "qwen").save_pretrained(folder)
     return folder
 
 

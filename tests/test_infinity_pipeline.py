@@ -13,7 +13,6 @@ import dataclasses
 
 import pytest
 import torch
-import transformers
 
 from fastvar.accel import AccelPlan
 from fastvar.accel.cache_presets import get_cache_preset
@@ -23,6 +22,8 @@ from fastvar.models.registry import get_spec
 from fastvar.pipelines import load_pipeline
 from fastvar.pipelines.infinity import InfinityPipeline, random_text_features, resolve_aspect, resolve_pn
 from fastvar.tokenizers.bsq import BSQVAE, BSQVAEConfig
+
+from ._tiny_text import tiny_t5, word_tokenizer
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "in", "the", "snow", "blue", "house"]
 ARCH = dict(depth=4, embed_dim=64, num_heads=2, text_channels=32, text_maxlen=16, d_vae=16, block_chunks=2)
@@ -34,17 +35,6 @@ PROMPTS = ["a red fox in the snow", "a blue house"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="right"
-    )
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("infinity")
@@ -53,13 +43,9 @@ def files(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     vae = BSQVAE(VAE_CFG)
     torch.save({"vae": vae.state_dict()}, root / "infinity_vae_tiny.pth")  # top-level 'vae' like the releases
-    cfg = transformers.T5Config(
-        vocab_size=len(WORDS), d_model=ARCH["text_channels"], d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
-    )
     t5 = root / "flan-t5-tiny"
-    transformers.T5EncoderModel(cfg).save_pretrained(t5)
-    _tokenizer().save_pretrained(t5)
+    tiny_t5(len(WORDS), ARCH["text_channels"]).save_pretrained(t5)
+    word_tokenizer(WORDS, "t5").save_pretrained(t5)
     return {"weights": root / "infinity_tiny.pth", "vae": root / "infinity_vae_tiny.pth", "t5": t5, "root": root}
 
 

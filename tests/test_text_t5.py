@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import torch
-import transformers
 
 from fastvar.models.infinity import Infinity, InfinityConfig
 from fastvar.text import TextCondition
 from fastvar.text.t5 import T5TextEncoder
 
+from ._tiny_text import tiny_t5, word_tokenizer
+
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "cat", "on", "the", "mat", "dog"]
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="right"
-    )
-
-
 def _encoder(max_length: int = 16) -> T5TextEncoder:
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(
-        vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
-    )
-    return T5TextEncoder(transformers.T5EncoderModel(cfg), _tokenizer(), max_length=max_length)
+    return T5TextEncoder(tiny_t5(len(WORDS), 32), word_tokenizer(WORDS, "t5"), max_length=max_length)
 
 
 def test_packing_matches_unpadded_encoder_rows():
