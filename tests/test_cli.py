@@ -185,6 +185,8 @@ def test_bench_var_random_init_json_fields(tiny_pipeline, tmp_path):
         (["generate", "--model", "infinity-2b", "--prompts", "  "], "empty"),
         (["generate", "--model", "infinity-2b", "--prompts", "a", "--pn", "3M"], "3M"),
         (["generate", "--model", "infinity-2b", "--prompts", "a", "--depth", "4"], "--random-init"),
+        (["generate", "--model", "hart", "--prompts", "a", "--diff-width", "64"], "--random-init"),
+        (["generate", "--model", "infinity-2b", "--prompts", "a", "--random-init", "--diff-depth", "2"], "has none"),
         (["generate", "--model", "var-d16", "--pn", "1M"], "text-to-image"),
         (["generate", "--model", "var-d16", "--benchmark", "0"], "N >= 1"),
         (["generate", "--model", "var-d16", "--benchmark", "--compare"], "drop --compare"),
@@ -223,3 +225,22 @@ def test_generate_names_images_after_conditions(tiny_pipeline, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["conditions"] == [5, 5, 5] and report["images"] == 3
     assert (out / "0002_class5.png").is_file()
+
+
+def test_hart_diffusion_head_size_reaches_the_pipeline(monkeypatch):
+    import fastvar.pipelines as pipelines
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def capture(spec, **kw):
+        seen.update(kw)
+        raise Loaded
+
+    monkeypatch.setattr(pipelines, "load_pipeline", capture)
+    with pytest.raises(Loaded):
+        main(["bench", "--model", "hart", "--random-init", "--width", "64", "--diff-width", "128", "--diff-depth", "2",
+              "--quiet"])
+    assert seen["random_init"] and seen["diff_width"] == 128 and seen["diff_depth"] == 2 and seen["embed_dim"] == 64

@@ -42,6 +42,10 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     t.add_argument("--text-width", dest="text_width", type=int, default=None)
     t.add_argument("--text-tokens", dest="text_tokens", type=int, default=None,
                    help="random text features: tokens per prompt (default 24)")
+    t.add_argument("--diff-width", dest="diff_width", type=int, default=None,
+                   help="HART: width of the residual diffusion head (released: 1024)")
+    t.add_argument("--diff-depth", dest="diff_depth", type=int, default=None,
+                   help="HART: residual blocks of the diffusion head (released: 6)")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -135,16 +139,19 @@ def _spec_for(args):
 def _family_kwargs(args, spec) -> dict:
     """Schedule and architecture options for text-to-image families (only those the user gave)."""
     names = {"pn": "pn", "aspect": "aspect", "text_tokens": "text_tokens", "depth": "depth", "width": "embed_dim",
-             "heads": "num_heads", "text_width": "text_channels"}
+             "heads": "num_heads", "text_width": "text_channels", "diff_width": "diff_width", "diff_depth": "diff_depth"}
     given = {dst: getattr(args, src) for src, dst in names.items() if getattr(args, src, None) is not None}
     if spec.family == "var":
         if given:
             flags = ", ".join(f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in names and v is not None)
             raise CLIError(f"{flags} only apply to text-to-image models (infinity, hart); VAR uses --resolution")
         return {}
-    arch = {k for k in given if k in ("depth", "embed_dim", "num_heads", "text_channels")}
+    arch = {k for k in given if k in ("depth", "embed_dim", "num_heads", "text_channels", "diff_width", "diff_depth")}
     if arch and not args.random_init:
-        raise CLIError("--depth/--width/--heads/--text-width change the architecture: use them with --random-init")
+        raise CLIError("--depth/--width/--heads/--text-width/--diff-width/--diff-depth change the architecture: "
+                       "use them with --random-init")
+    if spec.family != "hart" and ("diff_width" in given or "diff_depth" in given):
+        raise CLIError(f"--diff-width/--diff-depth size HART's diffusion head; {spec.name} has none")
     if spec.family != "infinity" and ("pn" in given or "aspect" in given):
         raise CLIError(f"--pn/--aspect are Infinity schedule options; {spec.name} has a fixed schedule")
     return given
