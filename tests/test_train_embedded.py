@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from fastvar.train import embedded
-from fastvar.train.check import check_embedded, recon_psnr
+from fastvar.train.check import check_embedded, recon_psnr, sample_accuracy
+
+GATES = Path(__file__).resolve().parents[1] / "benchmarks" / "embedded_gates.json"
 
 
 def test_embedded_model_loads_and_generates_its_schedule():
@@ -17,6 +20,17 @@ def test_embedded_model_loads_and_generates_its_schedule():
                                     generator=torch.Generator().manual_seed(0))
     assert imgs.shape == (2, 3, cfg["image_size"], cfg["image_size"]) and torch.isfinite(imgs).all()
     assert recon_psnr(vae, n=8, image_size=cfg["image_size"]) >= 24.0
+
+
+def test_embedded_samples_pass_the_checker_at_the_measured_rate(one_thread):
+    """Regression guard for the shipped weights: on a small fixed seed set (2 samples per class) the checker
+    accepts about as many samples as ``fastvar check-embedded`` measured on 100 (benchmarks/embedded_gates.json,
+    which must describe the shipped weights). Random or mis-exported weights score about 0.1."""
+    gates = json.loads(GATES.read_text())
+    var, vae, cfg = embedded.load_embedded("cpu")
+    assert gates["var_step"] == cfg["var_step"] and gates["vqvae_step"] == cfg["vqvae_step"]
+    acc = sample_accuracy(var, vae, 20, 0, cfg["sampling"])["accuracy"]
+    assert acc >= gates["accuracy"] - 0.2, f"checker accuracy {acc:.2f} on 20 fixed samples vs {gates['accuracy']:.2f} measured"
 
 
 def test_embedded_assets_within_budget():
