@@ -96,11 +96,19 @@ def status() -> str:
         "| gate | target | now |",
         "|---|---|---|",
         f"| VQVAE reconstruction PSNR, held-out procedural images | ≥ {psnr_gate:g} dB | **{g['recon_psnr']:.2f} dB** |",
-        f"| checker class accuracy of generated samples (default CFG {g['sampling']['cfg']}) | ≥ {acc_gate:.2f} | "
+        f"| checker class accuracy of generated samples (default sampling: CFG {g['sampling']['cfg']}, top-k "
+        f"{g['sampling']['top_k']}, top-p {g['sampling']['top_p']}) | ≥ {acc_gate:.2f} | "
         f"{'**' if g['accuracy'] >= acc_gate else ''}{g['accuracy']:.2f}{'**' if g['accuracy'] >= acc_gate else ''} |",
         "",
         "Per-class accuracy below the gate: " + (", ".join(weak) if weak else "none") + ".",
     ]
+    others = sorted(BENCH.glob("embedded_gates_seed*.json"))
+    if others:
+        rows = [json.loads(p.read_text()) for p in others]
+        rows = [r for r in rows if r["var_step"] == g["var_step"]]
+        if rows:
+            lines.append("Other seeds (same command, `benchmarks/embedded_gates_seed*.json`): " + ", ".join(
+                f"seed {r['seed']}: {r['accuracy']:.2f}" for r in rows) + ".")
     return "\n".join(lines)
 
 
