@@ -156,11 +156,6 @@ def cross_attend(q: Tensor, kv: CrossKV) -> Tensor:
     return o.reshape(B, Lq, H * c).to(out_dtype)
 
 
-def varlen_cross_attention(q: Tensor, kv: Tensor, segments: list[tuple[int, int]], scale: float, emulate_bf16: bool) -> Tensor:
-    """:func:`cross_attend` with keys/values prepared on the fly (``kv``: (N, 2, H, c))."""
-    return cross_attend(q, prepare_cross_kv(kv, segments, emulate_bf16 and q.dtype == torch.float32, scale))
-
-
 class CrossAttention(nn.Module):
     """Attention from image tokens (or one learned query per head, ``pool=True``) to caption tokens."""
 
