@@ -370,6 +370,8 @@ def cmd_bench(args) -> int:
     from .eval.benchmark import format_results, run_benchmark
 
     spec = _spec_for(args)
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads {args.threads}: give a number of CPU threads >= 1")
     plans = [("none", None)]
     for name in args.plans:
         if name == "none":
@@ -401,14 +403,21 @@ def cmd_bench(args) -> int:
     def gen(plan):
         return pipe(conds, seed=args.seed, plan=plan, decode=False)
 
-    rows = run_benchmark(gen, pipe.decode, plans, repeats=args.repeats, warmup=args.warmup,
-                         log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    prev_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        threads = torch.get_num_threads()
+        rows = run_benchmark(gen, pipe.decode, plans, repeats=args.repeats, warmup=args.warmup,
+                             log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    finally:
+        torch.set_num_threads(prev_threads)  # in-process callers (tests, notebooks) keep their setting
     print(format_results(rows))
     if args.json:
         from .pipelines.common import atomic_write_text
 
         meta = {"model": spec.name, "resolution": spec.resolution, "random_init": args.random_init,
-                "device": str(pipe.device), "dtype": args.dtype, "batch": len(conds), "threads": torch.get_num_threads(),
+                "device": str(pipe.device), "dtype": args.dtype, "batch": len(conds), "threads": threads,
                 "repeats": args.repeats}
         atomic_write_text(json.dumps([{**r, **meta} for r in rows], indent=2), Path(args.json))
     return 0
@@ -503,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="images per generation (CFG doubles it)")
     b.add_argument("--classes", type=int, nargs="+", default=None)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the run (default: torch's, usually every core); recorded in the JSON")
     b.add_argument("--json", default=None, help="write results as a JSON list (baseline first)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

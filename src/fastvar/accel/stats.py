@@ -47,29 +47,40 @@ def dense_counts(sizes: Sequence[tuple[int, int]], depth: int, branches: Iterabl
     return out
 
 
-def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1) -> dict[str, float]:
+def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1) -> dict:
+    """Attention, linear and total FLOPs of a generation, and each executed scale's total (``scale_flops``,
+    scale index -> FLOPs): per-scale throughput is what tells a plan's overhead from the hardware's."""
     C = dims.width
     attn = lin = 0.0
+    per_scale: dict[int, float] = defaultdict(float)
     kv: dict[int, int] = defaultdict(lambda: dims.prefix_kv)
     for (si, layer, b) in sorted(counts, key=lambda k: (k[0], k[1])):
         n = counts[(si, layer, b)][1]
+        a = f = 0.0
         if b == "attn":
             kv[layer] += n
-            lin += 2 * n * C * 4 * C
-            attn += 4 * n * kv[layer] * C
+            f = 2 * n * C * 4 * C
+            a = 4 * n * kv[layer] * C
         elif b == "cross":
-            lin += 2 * n * C * 2 * C
-            attn += 4 * n * dims.cross_len * C
+            f = 2 * n * C * 2 * C
+            a = 4 * n * dims.cross_len * C
         elif b == "ffn":
-            lin += 2 * n * C * dims.ffn_hidden * dims.ffn_mats
+            f = 2 * n * C * dims.ffn_hidden * dims.ffn_mats
+        attn += a
+        lin += f
+        per_scale[si] += a + f
     executed = {si for (si, _l, _b) in counts}
     for si in executed:
         h, w = sizes[si]
-        lin += 2 * h * w * C * dims.vocab_out
+        head = 2 * h * w * C * dims.vocab_out
+        lin += head
+        per_scale[si] += head
     tail = dims.tail_flops if len(sizes) - 1 in executed else 0.0
     lin += tail
+    if tail:
+        per_scale[len(sizes) - 1] += tail
     return {"attn_flops": attn * batch, "linear_flops": lin * batch, "total_flops": (attn + lin) * batch,
-            "tail_flops": tail * batch}
+            "tail_flops": tail * batch, "scale_flops": {si: v * batch for si, v in sorted(per_scale.items())}}
 
 
 def tokens_per_scale(counts: Counts) -> dict[int, dict[str, int]]:
@@ -101,13 +112,15 @@ def generation_stats(counts: Counts, sizes: Sequence[tuple[int, int]], dims: Flo
     per_scale = tokens_per_scale(counts)
     total_in = sum(v["in"] for v in per_scale.values())
     total_c = sum(v["computed"] for v in per_scale.values())
+    flops = estimate_flops(counts, sizes, dims, batch)
     return {
         "sizes": [list(s) for s in sizes],
         "tokens_per_scale": {str(k): v for k, v in per_scale.items()},
         "tokens_per_scale_layer": {f"{si}/{layer}/{b}": list(v) for (si, layer, b), v in sorted(counts.items())},
         "tokens_forwarded": total_c,
         "tokens_total": total_in,
-        **estimate_flops(counts, sizes, dims, batch),
+        **{k: v for k, v in flops.items() if k != "scale_flops"},
+        "scale_flops": {str(k): v for k, v in flops["scale_flops"].items()},
         "scale_seconds": {str(k): v for k, v in (scale_seconds or {}).items()},
         "peak_mem_mb": peak_mem_mb,
     }

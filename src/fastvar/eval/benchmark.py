@@ -37,6 +37,7 @@ class PlanRun:
     seconds: list
     stats: dict
     images: Tensor | None = None
+    scale_seconds: list[dict[str, float]] | None = None  # per repeat (plans with hooks only)
 
 
 def run_benchmark(
@@ -48,7 +49,7 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """``generate(plan)`` returns a GenerationResult with ``latent``; the first plan is the baseline."""
-    runs = [PlanRun(n, p, [], {}) for n, p in plans]
+    runs = [PlanRun(n, p, [], {}, scale_seconds=[]) for n, p in plans]
     for _ in range(warmup):
         for r in runs:
             generate(r.plan)
@@ -56,6 +57,8 @@ def run_benchmark(
         for r in runs:
             res = generate(r.plan)
             r.seconds.append(res.seconds)
+            if res.stats.get("scale_seconds"):
+                r.scale_seconds.append(res.stats["scale_seconds"])
             if rep == 0:
                 r.stats = res.stats
                 r.images = decode(res.latent)
@@ -63,12 +66,13 @@ def run_benchmark(
                 log(f"repeat {rep + 1}/{repeats} {r.name}: {res.seconds:.3f}s")
     base = runs[0]
     base_t = statistics.median(base.seconds)
+    dense = next((r for r in runs if r.name == "identity"), None)
     out = []
     for r in runs:
         t = statistics.median(r.seconds)
         psnr, ssim = psnr_ssim(r.images, base.images)
         flop_ratio = r.stats["total_flops"] / base.stats["total_flops"]
-        out.append({
+        row = {
             "plan": r.name,
             "seconds_median": t,
             "seconds_all": r.seconds,
@@ -82,18 +86,55 @@ def run_benchmark(
             "peak_mem_mb": r.stats.get("peak_mem_mb"),
             "psnr": None if psnr == float("inf") else psnr,
             "ssim": ssim,
-        })
+            "scale_seconds": _median_scales(r.scale_seconds),
+            "scale_flops": r.stats.get("scale_flops", {}),
+        }
+        if dense is not None and r is not dense and row["scale_seconds"]:
+            row.update(throughput_ceiling(_median_scales(dense.scale_seconds), dense.stats["scale_flops"],
+                                          statistics.median(dense.seconds), row["scale_seconds"],
+                                          row["scale_flops"], flop_ratio, t))
+        out.append(row)
     return out
 
 
+def _median_scales(per_repeat: list[dict[str, float]] | None) -> dict[str, float]:
+    if not per_repeat:
+        return {}
+    keys = per_repeat[0].keys()
+    return {k: statistics.median(d[k] for d in per_repeat if k in d) for k in keys}
+
+
+def throughput_ceiling(dense_secs: dict[str, float], dense_flops: dict[str, float], dense_total: float,
+                       plan_secs: dict[str, float], plan_flops: dict[str, float], flop_ratio: float,
+                       plan_total: float) -> dict[str, float]:
+    """The efficiency a plan would reach if the blocks of every scale it runs ran at the FLOP rate the dense
+    computation (the ``identity`` plan) reaches at that scale.
+
+    The FLOP-predicted speedup assumes every FLOP costs the same, but small scales run at a lower rate
+    than large ones (small GEMMs, per-op and weight-streaming costs), and a plan that removes the large
+    scales' FLOPs spends most of its time on small ones. ``ceiling_seconds`` is each scale's dense block
+    time scaled by the plan's FLOPs at that scale, plus the plan's own time outside the blocks (sampling,
+    embedding); ``ceiling_efficiency`` is the efficiency that time gives; ``of_ceiling`` (ceiling /
+    measured time) says how close the implementation comes to that limit (1.0: no overhead at all).
+    """
+    blocks = sum(secs * plan_flops.get(si, 0.0) / dense_flops[si]
+                 for si, secs in dense_secs.items() if dense_flops.get(si, 0.0) > 0)
+    ceiling = blocks + max(plan_total - sum(plan_secs.values()), 0.0)
+    return {"ceiling_seconds": ceiling, "ceiling_efficiency": dense_total / ceiling * flop_ratio,
+            "of_ceiling": ceiling / plan_total}
+
+
 def format_results(rows: list[dict]) -> str:
-    head = f"{'plan':<16}{'sec(med)':>10}{'speedup':>9}{'tokens':>8}{'FLOPs':>8}{'eff.':>7}{'PSNR':>8}{'SSIM':>7}{'peakMB':>9}"
+    """The table ``fastvar bench`` prints; ``ceil.`` (with an ``identity`` plan) is :func:`throughput_ceiling`."""
+    head = (f"{'plan':<16}{'sec(med)':>10}{'speedup':>9}{'tokens':>8}{'FLOPs':>8}{'eff.':>7}{'ceil.':>7}"
+            f"{'PSNR':>8}{'SSIM':>7}{'peakMB':>9}")
     lines = [head]
     for r in rows:
         psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
         mem = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        ceil = f"{r['ceiling_efficiency']:.2f}" if "ceiling_efficiency" in r else ""
         lines.append(
             f"{r['plan']:<16}{r['seconds_median']:>10.3f}{r['speedup']:>9.2f}{r['token_ratio']:>8.3f}"
-            f"{r['flop_ratio']:>8.3f}{r['efficiency']:>7.2f}{psnr:>8}{r['ssim']:>7.3f}{mem:>9}"
+            f"{r['flop_ratio']:>8.3f}{r['efficiency']:>7.2f}{ceil:>7}{psnr:>8}{r['ssim']:>7.3f}{mem:>9}"
         )
     return "\n".join(lines)
