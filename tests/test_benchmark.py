@@ -11,7 +11,7 @@ from fastvar.cli import main
 from fastvar.eval.benchmark import throughput_ceiling
 
 
-def test_scale_flops_sum_to_the_total_with_pruned_and_skipped_scales():
+def test_scale_flops_are_the_blocks_of_each_executed_scale():
     sizes = [(1, 1), (2, 2), (4, 4), (8, 8)]
     dims = FlopDims(width=32, ffn_hidden=128, vocab_out=16, cross_len=5, tail_flops=1e4,
                     branches=("attn", "cross", "ffn"))
@@ -21,11 +21,16 @@ def test_scale_flops_sum_to_the_total_with_pruned_and_skipped_scales():
             counts[(2, layer, b)] = (16, 4)
     f = estimate_flops(counts, sizes, dims, batch=2)
     assert sorted(f["scale_flops"]) == [0, 1, 2]  # the skipped scale has none
-    assert sum(f["scale_flops"].values()) == pytest.approx(f["total_flops"])
     assert f["tail_flops"] == 0.0  # the tail runs with the last scale only
+    head = 2 * 2 * 32 * 16 * (1 + 4 + 16)  # batch 2, per executed token
+    # blocks per scale + the head (outside the blocks) make the total
+    assert sum(f["scale_flops"].values()) + head == pytest.approx(f["total_flops"])
     full = estimate_flops(dense_counts(sizes, 3, dims.branches), sizes, dims, batch=2)
     assert full["tail_flops"] == 2e4 and full["scale_flops"][3] > full["scale_flops"][2] > f["scale_flops"][2]
-    assert sum(full["scale_flops"].values()) == pytest.approx(full["total_flops"])
+    head_full = head + 2 * 2 * 32 * 16 * 64
+    assert sum(full["scale_flops"].values()) + head_full + 2e4 == pytest.approx(full["total_flops"])
+    # a scale's blocks: the same whatever comes after it (attention looks back only)
+    assert full["scale_flops"][1] == f["scale_flops"][1]
 
 
 def test_ceiling_of_a_plan_that_runs_every_scale_at_the_dense_rate():
@@ -43,6 +48,10 @@ def test_ceiling_of_a_plan_that_runs_every_scale_at_the_dense_rate():
     assert slow["of_ceiling"] == pytest.approx(3.0 / 3.5)  # 0.5 s of overhead in the pruned scale
     skipped = throughput_ceiling(dense_secs, dense_flops, dense_total, {"0": 1.0}, {"0": 10.0}, 0.25, 1.5)
     assert skipped["ceiling_seconds"] == pytest.approx(1.5)  # a skipped scale costs nothing
+    # blocks without FLOP accounting (HART's text prefill, scale 0) cost what they cost in the dense run
+    prefill = throughput_ceiling({"0": 0.7, "1": 1.0, "2": 3.0}, {"1": 10.0, "2": 30.0}, 5.2,
+                                 {"0": 0.7, "1": 1.0, "2": 1.5}, {"1": 10.0, "2": 15.0}, flop_ratio, 3.7)
+    assert prefill["ceiling_seconds"] == pytest.approx(0.7 + 1.0 + 1.5 + 0.5) and prefill["of_ceiling"] == pytest.approx(1.0)
 
 
 def test_bench_reports_the_ceiling_against_identity(tmp_path):

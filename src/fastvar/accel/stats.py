@@ -48,8 +48,9 @@ def dense_counts(sizes: Sequence[tuple[int, int]], depth: int, branches: Iterabl
 
 
 def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1) -> dict:
-    """Attention, linear and total FLOPs of a generation, and each executed scale's total (``scale_flops``,
-    scale index -> FLOPs): per-scale throughput is what tells a plan's overhead from the hardware's."""
+    """Attention, linear and total FLOPs of a generation, and per executed scale the FLOPs of its blocks
+    (``scale_flops``, scale index -> FLOPs; the head and the tail run outside the blocks and are not in
+    it): with the per-scale block times, the throughput that tells a plan's overhead from the hardware's."""
     C = dims.width
     attn = lin = 0.0
     per_scale: dict[int, float] = defaultdict(float)
@@ -72,13 +73,9 @@ def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopD
     executed = {si for (si, _l, _b) in counts}
     for si in executed:
         h, w = sizes[si]
-        head = 2 * h * w * C * dims.vocab_out
-        lin += head
-        per_scale[si] += head
+        lin += 2 * h * w * C * dims.vocab_out
     tail = dims.tail_flops if len(sizes) - 1 in executed else 0.0
     lin += tail
-    if tail:
-        per_scale[len(sizes) - 1] += tail
     return {"attn_flops": attn * batch, "linear_flops": lin * batch, "total_flops": (attn + lin) * batch,
             "tail_flops": tail * batch, "scale_flops": {si: v * batch for si, v in sorted(per_scale.items())}}
 

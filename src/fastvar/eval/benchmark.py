@@ -110,6 +110,9 @@ def throughput_ceiling(dense_secs: dict[str, float], dense_flops: dict[str, floa
     """The efficiency a plan would reach if the blocks of every scale it runs ran at the FLOP rate the dense
     computation (the ``identity`` plan) reaches at that scale.
 
+    ``*_secs`` / ``*_flops``: per-scale block seconds and block FLOPs (``scale_seconds`` / ``scale_flops``
+    of :func:`fastvar.accel.stats.generation_stats`).
+
     The FLOP-predicted speedup assumes every FLOP costs the same, but small scales run at a lower rate
     than large ones (small GEMMs, per-op and weight-streaming costs), and a plan that removes the large
     scales' FLOPs spends most of its time on small ones. ``ceiling_seconds`` is each scale's dense block
@@ -117,8 +120,12 @@ def throughput_ceiling(dense_secs: dict[str, float], dense_flops: dict[str, floa
     embedding); ``ceiling_efficiency`` is the efficiency that time gives; ``of_ceiling`` (ceiling /
     measured time) says how close the implementation comes to that limit (1.0: no overhead at all).
     """
-    blocks = sum(secs * plan_flops.get(si, 0.0) / dense_flops[si]
-                 for si, secs in dense_secs.items() if dense_flops.get(si, 0.0) > 0)
+    blocks = 0.0
+    for si, secs in dense_secs.items():
+        if dense_flops.get(si, 0.0) > 0:
+            blocks += secs * plan_flops.get(si, 0.0) / dense_flops[si]
+        elif si in plan_secs:  # blocks no plan touches (HART's text prefill): as long as in the dense run
+            blocks += secs
     ceiling = blocks + max(plan_total - sum(plan_secs.values()), 0.0)
     return {"ceiling_seconds": ceiling, "ceiling_efficiency": dense_total / ceiling * flop_ratio,
             "of_ceiling": ceiling / plan_total}
