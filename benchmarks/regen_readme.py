@@ -1,7 +1,8 @@
 """Rewrite the README's embedded-model sections from the measured JSON in benchmarks/.
 
-The tables between ``<!-- embedded-tables:begin/end -->`` and the status between
-``<!-- embedded-status:begin/end -->`` are generated, never typed, so they always match the JSON
+The tables between ``<!-- embedded-tables:begin/end -->``, the status between
+``<!-- embedded-status:begin/end -->`` and the backbone benchmark table between
+``<!-- bench-table:begin/end -->`` are generated, never typed, so they always match the JSON
 next to them. Run after re-measuring (commands are printed in the sections themselves)::
 
     python benchmarks/regen_readme.py [--quickstart outputs/report.json]
@@ -77,6 +78,45 @@ def tables() -> str:
     return "\n".join(lines)
 
 
+# (label, command without --threads/--json, JSON file): the backbone rows of the README's benchmark table
+BENCH_ROWS = [
+    ("VAR-d16, 512² schedule", "fastvar bench --model var-d16 --random-init --resolution 512 --plans identity fastvar "
+     "--repeats 3", "var_d16_512_ceiling.json"),
+    ("Infinity reduced (depth 16, width 256, 4 heads, text 256×24), 1M 1:1, CFG batch 2",
+     "fastvar bench --model infinity --random-init --depth 16 --width 256 --heads 4 --pn 1M --plans identity fastvar "
+     "--repeats 3", "infinity_reduced_1M.json"),
+    ("the same Infinity, 2 threads", "", "infinity_reduced_1M_2threads.json"),
+    ("HART reduced (depth 16, width 256, 4 heads, released diffusion head), 1024², CFG batch 2",
+     "fastvar bench --model hart --random-init --depth 16 --width 256 --heads 4 --plans identity fastvar --repeats 3",
+     "hart_reduced_1024_ceiling.json"),
+]
+
+
+def bench_table() -> str:
+    lines = [
+        "| model (command; `--threads T --json out.json` added) | threads | plan | seconds | speedup | token ratio | "
+        "FLOP ratio | FLOP-predicted | efficiency | ceiling (of it) | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, cmd, name in BENCH_ROWS:
+        rows = json.loads((BENCH / name).read_text())
+        for i, r in enumerate(rows):
+            first = f"{label}: `{cmd}` (`benchmarks/{name}`)" if cmd else f"{label} (`benchmarks/{name}`)"
+            head = first if i == 0 else ""
+            eff = f"{r['efficiency']:.2f}"
+            if r["plan"] == "identity":
+                eff += f" (overhead {100 * (1 / r['speedup'] - 1):+.1f} %)"
+            elif r["plan"] != "none":
+                eff = f"**{eff}**"
+            ceil = f"{r['ceiling_efficiency']:.2f} ({r['of_ceiling']:.2f})" if "ceiling_efficiency" in r else ""
+            speed = f"**{r['speedup']:.2f}**" if r["plan"] not in ("none", "identity") else f"{r['speedup']:.2f}"
+            lines.append(
+                f"| {head} | {r['threads'] if i == 0 else ''} | {r['plan']} | {r['seconds_median']:.2f} | {speed} | "
+                f"{r['token_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['flop_predicted_speedup']:.2f} | {eff} | {ceil} | "
+                f"{r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def status() -> str:
     from fastvar.train.data import class_name
 
@@ -132,6 +172,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = replace_block(readme.read_text(), "embedded-tables", tables())
     text = replace_block(text, "embedded-status", status())
+    text = replace_block(text, "bench-table", bench_table())
     if args.quickstart:
         text, n = re.subn(r"`baseline [0-9.]+s \| fastvar [0-9.]+s \| speedup [0-9.]+x \| PSNR [0-9.]+ dB \| SSIM [0-9.]+`",
                           quickstart_line(args.quickstart), text)
