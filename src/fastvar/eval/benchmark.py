@@ -66,7 +66,6 @@ def run_benchmark(
                 log(f"repeat {rep + 1}/{repeats} {r.name}: {res.seconds:.3f}s")
     base = runs[0]
     base_t = statistics.median(base.seconds)
-    dense = next((r for r in runs if r.name == "identity"), None)
     out = []
     for r in runs:
         t = statistics.median(r.seconds)
@@ -89,11 +88,13 @@ def run_benchmark(
             "scale_seconds": _median_scales(r.scale_seconds),
             "scale_flops": r.stats.get("scale_flops", {}),
         }
-        if dense is not None and r is not dense and row["scale_seconds"]:
-            row.update(throughput_ceiling(_median_scales(dense.scale_seconds), dense.stats["scale_flops"],
-                                          statistics.median(dense.seconds), row["scale_seconds"],
-                                          row["scale_flops"], flop_ratio, t))
         out.append(row)
+    dense = next((row for row in out if row["plan"] == "identity"), None)
+    for row in out:
+        if dense is not None and row is not dense and row["scale_seconds"]:
+            row.update(throughput_ceiling(dense["scale_seconds"], dense["scale_flops"], dense["seconds_median"],
+                                          row["scale_seconds"], row["scale_flops"], row["flop_ratio"],
+                                          row["seconds_median"]))
     return out
 
 
