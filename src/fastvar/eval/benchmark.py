@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ class PlanRun:
     seconds: list
     stats: dict
     images: Tensor | None = None
-    scale_seconds: list[dict[str, float]] | None = None  # per repeat (plans with hooks only)
+    scale_seconds: list[dict[str, float]] = field(default_factory=list)  # per repeat (plans with hooks only)
 
 
 def run_benchmark(
@@ -49,7 +49,7 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """``generate(plan)`` returns a GenerationResult with ``latent``; the first plan is the baseline."""
-    runs = [PlanRun(n, p, [], {}, scale_seconds=[]) for n, p in plans]
+    runs = [PlanRun(n, p, [], {}) for n, p in plans]
     for _ in range(warmup):
         for r in runs:
             generate(r.plan)
@@ -98,7 +98,7 @@ def run_benchmark(
     return out
 
 
-def _median_scales(per_repeat: list[dict[str, float]] | None) -> dict[str, float]:
+def _median_scales(per_repeat: list[dict[str, float]]) -> dict[str, float]:
     if not per_repeat:
         return {}
     keys = per_repeat[0].keys()
