@@ -146,10 +146,13 @@ def format_compare(rows: list[dict]) -> str:
 
 def plot_compare(rows: list[dict], path: str | Path) -> Path:
     """Speedup, PSNR and cache memory per config as one PNG, written atomically."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("the comparison chart needs matplotlib: pip install 'fastvar-vision[plot]'") from None
 
     names = [r["config"] for r in rows]
     finite = [r["psnr"] for r in rows if r["psnr"] is not None]

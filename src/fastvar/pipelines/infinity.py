@@ -153,7 +153,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     this check fails in milliseconds, so an offline run stops at once with the option to pass. With a
     proxy configured the direct connection says nothing, so it is skipped (True).
     """
-    from huggingface_hub import constants
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        raise ImportError("downloading from the hub needs `pip install huggingface_hub`; or pass local paths") from None
 
     if constants.HF_HUB_OFFLINE:
         return False
