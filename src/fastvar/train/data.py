@@ -147,6 +147,7 @@ class ProceduralShapes(Dataset):
 _TEMPLATE_RES = 32
 _MIN_SAT = 0.3  # foreground: max(rgb) - min(rgb) above this (backgrounds stay below ~0.12)
 _MIN_AREA_FRAC = 0.01  # smaller blobs than this fraction of the image count as "no shape"
+MIN_AREA_FRAC = _MIN_AREA_FRAC
 
 
 def _templates() -> np.ndarray:
@@ -156,6 +157,31 @@ def _templates() -> np.ndarray:
 
 
 _TEMPLATES = _templates()
+
+
+def saturated(a: np.ndarray) -> np.ndarray:
+    """Foreground pixels of an (H, W, 3) image in [0, 1]: saturation above the threshold backgrounds stay under."""
+    return (a.max(axis=2) - a.min(axis=2)) > _MIN_SAT
+
+
+def component_colour(a: np.ndarray, comp: np.ndarray) -> int:
+    """Colour index (into COLOURS) of the pixels ``comp`` of an (H, W, 3) image: red when R > B, else blue."""
+    r, _, b = (a[..., ch][comp].mean() for ch in range(3))
+    return 0 if r > b else 1
+
+
+def template_ious(comp: np.ndarray) -> np.ndarray:
+    """IoU of a component mask (cropped to its bounding box, resized) with each shape template, in SHAPES order.
+
+    The ring's hole is not part of the component, so the crop is the component only (never filled).
+    """
+    ys, xs = np.nonzero(comp)
+    crop = comp[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
+    t = F.interpolate(torch.from_numpy(crop)[None, None], size=(_TEMPLATE_RES, _TEMPLATE_RES), mode="area")
+    m = t[0, 0].numpy()
+    inter = np.minimum(_TEMPLATES, m[None]).sum(axis=(1, 2))
+    union = np.maximum(_TEMPLATES, m[None]).sum(axis=(1, 2))
+    return inter / np.maximum(union, 1e-6)
 
 
 def classify(img: Tensor | np.ndarray) -> dict:
@@ -174,7 +200,7 @@ def classify(img: Tensor | np.ndarray) -> dict:
         a = a.transpose(1, 2, 0)
     a = np.clip(a, 0.0, 1.0)
     sat = a.max(axis=2) - a.min(axis=2)
-    lab, n = ndimage.label(sat > _MIN_SAT)
+    lab, n = ndimage.label(saturated(a))
     none = {"label": -1, "shape": None, "colour": None, "iou": 0.0}
     if n == 0:
         return none
@@ -183,16 +209,8 @@ def classify(img: Tensor | np.ndarray) -> dict:
     if areas[k - 1] < _MIN_AREA_FRAC * sat.size:
         return none
     comp = lab == k
-    r, _, b = (a[..., ch][comp].mean() for ch in range(3))
-    colour = 0 if r > b else 1
-    # the ring's hole is not part of the component, so fill the bbox crop using the component only
-    ys, xs = np.nonzero(comp)
-    crop = comp[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
-    t = F.interpolate(torch.from_numpy(crop)[None, None], size=(_TEMPLATE_RES, _TEMPLATE_RES), mode="area")
-    m = t[0, 0].numpy()
-    inter = np.minimum(_TEMPLATES, m[None]).sum(axis=(1, 2))
-    union = np.maximum(_TEMPLATES, m[None]).sum(axis=(1, 2))
-    iou = inter / np.maximum(union, 1e-6)
+    colour = component_colour(a, comp)
+    iou = template_ious(comp)
     shape = int(np.argmax(iou))
     return {
         "label": colour * len(SHAPES) + shape,
