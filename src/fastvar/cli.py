@@ -13,11 +13,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, validate
+from .errors import MissingInputError, UsageError
+from .validate import cli_float, cli_int
 
-
-class CLIError(Exception):
-    """A user error: printed as one clear message, exit status 2."""
+CLIError = UsageError
+"""A user error: printed by :func:`main` as one line, exit status 2 (the library's :class:`UsageError`)."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -28,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     p.add_argument("--vae-weights", "--tokenizer-path", "--tokenizer_path", dest="vae_weights", default=None,
                    help="tokenizer (VAE) checkpoint: local file/folder or hub id")
     p.add_argument("--random-init", action="store_true", help="full-size architecture with random weights (speed only)")
-    p.add_argument("--resolution", type=int, default=None, help="VAR: use the 256 or 512 schedule")
+    p.add_argument("--resolution", type=cli_int, default=None, help="VAR: use the 256 or 512 schedule")
     p.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default=None,
                    help="text models: text encoder folder or hub id (Infinity: Flan-T5, HART: Qwen2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
@@ -36,15 +37,15 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     t = p.add_argument_group("text-to-image schedule and architecture overrides (overrides: --random-init only)")
     t.add_argument("--pn", default=None, help="Infinity pixel budget: 0.06M 0.25M 0.60M 1M 2K (default 1M)")
     t.add_argument("--aspect", default=None, help="Infinity aspect ratio W:H, e.g. 1:1, 16:9 (default 1:1)")
-    t.add_argument("--depth", type=int, default=None)
-    t.add_argument("--width", type=int, default=None)
-    t.add_argument("--heads", type=int, default=None)
-    t.add_argument("--text-width", dest="text_width", type=int, default=None)
-    t.add_argument("--text-tokens", dest="text_tokens", type=int, default=None,
+    t.add_argument("--depth", type=cli_int, default=None)
+    t.add_argument("--width", type=cli_int, default=None)
+    t.add_argument("--heads", type=cli_int, default=None)
+    t.add_argument("--text-width", dest="text_width", type=cli_int, default=None)
+    t.add_argument("--text-tokens", dest="text_tokens", type=cli_int, default=None,
                    help="random text features: tokens per prompt (default 24)")
-    t.add_argument("--diff-width", dest="diff_width", type=int, default=None,
+    t.add_argument("--diff-width", dest="diff_width", type=cli_int, default=None,
                    help="HART: width of the residual diffusion head (released: 1024)")
-    t.add_argument("--diff-depth", dest="diff_depth", type=int, default=None,
+    t.add_argument("--diff-depth", dest="diff_depth", type=cli_int, default=None,
                    help="HART: residual blocks of the diffusion head (released: 6)")
 
 
@@ -54,23 +55,69 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_plan(args):
-    from .accel import AccelPlan, PlanError
+    """The plan of --preset (a name) or --plan (a file, read and checked here, before any model is built)."""
     from .accel.presets import PRESETS
 
     if args.preset and args.plan:
-        raise CLIError("give either --preset or --plan, not both")
+        raise CLIError("--preset and --plan both given; give one of them")
     if args.plan:
-        if not Path(args.plan).is_file():
-            raise CLIError(f"plan file {args.plan} does not exist")
-        try:
-            return AccelPlan.from_json(args.plan)
-        except (PlanError, TypeError) as e:
-            raise CLIError(f"invalid plan {args.plan}: {e}") from None
+        return validate.plan_file(args.plan, "--plan")
     if args.preset:
         if args.preset not in PRESETS:
-            raise CLIError(f"unknown preset {args.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise CLIError(f"--preset {args.preset}: unknown preset; known presets: {', '.join(sorted(PRESETS))}")
         return args.preset
     return None
+
+
+_ARCH_FLAGS = (("depth", "--depth", "transformer blocks"), ("width", "--width", "embedding width"),
+               ("heads", "--heads", "attention heads"), ("text_width", "--text-width", "text feature width"),
+               ("text_tokens", "--text-tokens", "tokens per prompt"), ("diff_width", "--diff-width", "diffusion width"),
+               ("diff_depth", "--diff-depth", "diffusion blocks"))
+
+
+def _check_source(ref: str | None, flag: str, want: str) -> None:
+    """A --weights/--vae-weights/--text-encoder reference before anything is loaded: a local file must be a
+    readable, intact checkpoint; a path that cannot be a hub id must exist. ``want``: "file" or "folder"."""
+    import os
+
+    from .checkpoints import check_checkpoint_file, looks_local
+
+    if ref is None:
+        return
+    p = Path(ref).expanduser()
+    if p.is_file():
+        if want == "folder":
+            raise CLIError(f"{flag} {ref}: is a file; pass the folder that holds it")
+        check_checkpoint_file(p, flag)
+    elif p.is_dir():
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise CLIError(f"{flag} {ref}: permission denied (the folder is not readable by this user); "
+                           f"make it readable (chmod a+rx {p}) or pass a readable copy")
+    elif looks_local(ref):
+        raise MissingInputError(f"{flag} {ref}: no such {want}; pass the local path of the downloaded {want} "
+                                "(or a hub id owner/repo:name)")
+
+
+def _check_model_args(args, spec) -> None:
+    """Every model flag that can be checked without the model: device, sizes, resolution, local files."""
+    validate.device(args.device, "--device")
+    for dest, flag, meaning in _ARCH_FLAGS:
+        if getattr(args, dest, None) is not None:
+            validate.int_at_least(getattr(args, dest), flag, 1, meaning)
+    if args.width is not None and args.heads is not None and args.width % args.heads:
+        raise CLIError(f"--width {args.width}: not divisible by --heads {args.heads}; give a width that is a "
+                       f"multiple of the head count, e.g. --width {args.heads * max(1, args.width // args.heads)}")
+    if args.resolution is not None:
+        if spec.family != "var":
+            alt = "use --pn for the pixel budget" if spec.family == "infinity" else f"{spec.name} has one resolution"
+            raise CLIError(f"--resolution {args.resolution}: applies to VAR models only; drop it ({alt})")
+        if spec.name == "embedded" and args.resolution != spec.resolution:
+            raise CLIError(f"--resolution {args.resolution}: the embedded model generates {spec.resolution}px only; "
+                           "drop --resolution")
+    hart = spec.family == "hart"
+    _check_source(args.weights, "--weights", "folder" if hart else "file")
+    _check_source(args.vae_weights, "--vae-weights", "folder" if hart else "file")
+    _check_source(args.text_encoder, "--text-encoder", "folder")
 
 
 def _cache_config(args):
@@ -99,7 +146,9 @@ def _cache_config(args):
         thr = args.cache_threshold if args.cache_threshold is not None else args.threshold
         if thr is not None:
             if not 0.0 <= thr <= 1.0:
-                raise CLIError(f"cache threshold {thr} is outside [0, 1] (1.0 reuses nothing)")
+                flag = "--cache-threshold" if args.cache_threshold is not None else "--threshold"
+                raise CLIError(f"{flag} {thr}: outside [0, 1] (a cosine-similarity threshold; 1.0 reuses nothing); "
+                               f"e.g. {flag} 0.9")
             over["threshold"] = thr
         for flag, field in (("cache_attn", "enable_attn_cache"), ("cache_mlp", "enable_mlp_cache"),
                             ("cache_adaptive_threshold", "adaptive_threshold"),
@@ -115,6 +164,10 @@ def _cache_config(args):
         raise CLIError(str(e)) from None
     if not cfg.calibration and cfg.sim_path and not Path(cfg.sim_path).is_file():
         raise CLIError(f"--sim-path {cfg.sim_path} does not exist; run once with --calibration --sim-path to record it")
+    if not cfg.calibration and cfg.sim_path:
+        validate.input_file(cfg.sim_path, "--sim-path", "the similarity file a --calibration run recorded")
+    if cfg.calibration and cfg.sim_path:
+        validate.output_file(cfg.sim_path, "--sim-path")
     return cfg
 
 
@@ -125,10 +178,13 @@ def _spec_for(args):
     try:
         spec = get_spec(args.model)
     except KeyError:
-        raise CLIError(f"unknown model {args.model!r}; known models: {', '.join(sorted(MODELS))}") from None
-    if args.resolution is not None and spec.family == "var":
+        raise CLIError(f"--model {args.model}: unknown model {args.model!r}; known models: "
+                       f"{', '.join(sorted(MODELS))}") from None
+    _check_model_args(args, spec)
+    if args.resolution is not None and spec.family == "var" and spec.name != "embedded":
         if args.resolution not in VAR_PATCH_NUMS:
-            raise CLIError(f"VAR resolution must be one of {sorted(VAR_PATCH_NUMS)}, got {args.resolution}")
+            raise CLIError(f"--resolution {args.resolution}: VAR has schedules for "
+                           f"{' and '.join(map(str, sorted(VAR_PATCH_NUMS)))} px only; use one of those")
         from dataclasses import replace
 
         spec = replace(spec, config={**spec.config, "patch_nums": VAR_PATCH_NUMS[args.resolution]},
@@ -164,12 +220,18 @@ def _schedule_for(spec, args):
     if "patch_nums" in spec.config:
         return Schedule.square(spec.config["patch_nums"])
     if spec.family == "infinity":
+        from .pipelines.infinity import resolve_aspect, resolve_pn
         from .schedules_infinity import infinity_schedule
 
         try:
-            return infinity_schedule(args.aspect or "1:1", args.pn or "1M")
-        except (ValueError, KeyError) as e:
-            raise CLIError(str(e)) from None
+            key = resolve_aspect(args.aspect or "1:1")
+        except ValueError as e:
+            raise CLIError(f"--aspect {args.aspect}: {e}") from None
+        try:
+            pn = resolve_pn(args.pn or "1M")
+        except ValueError as e:
+            raise CLIError(f"--pn {args.pn}: {e}") from None
+        return infinity_schedule(key, pn)
     return None
 
 
@@ -193,25 +255,61 @@ def _conditions(args, spec) -> list:
     """Class ids (class-conditional models) or prompts (text-to-image models), repeated to --num-samples."""
     text = spec.family != "var"
     if text and getattr(args, "classes", None):
-        raise CLIError(f"{spec.name} is a text-to-image model: give --prompts, not --classes")
+        raise CLIError(f"--classes: {spec.name} is a text-to-image model; give --prompts, not --classes")
     if not text and getattr(args, "prompts", None):
-        raise CLIError(f"{spec.name} is class-conditional: give --classes, not --prompts")
+        raise CLIError(f"--prompts: {spec.name} is class-conditional; give --classes, not --prompts")
     if text:
-        conds = list(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
-        empty = [i for i, c in enumerate(conds) if not c.strip()]
-        if empty:
-            raise CLIError(f"prompt(s) {empty} are empty")
+        conds = validate.prompts(args.prompts if args.prompts else list(DEFAULT_PROMPTS), "--prompts", spec.name)
     else:
-        conds = list(args.classes) if args.classes else list(range(min(spec.config["num_classes"], 10)))
         n_cls = spec.config["num_classes"]
-        bad = [c for c in conds if not 0 <= c < n_cls]
-        if bad:
-            raise CLIError(f"class id(s) {bad} out of range for {spec.name}: valid ids are 0..{n_cls - 1}")
+        conds = validate.class_ids(args.classes if args.classes else list(range(min(n_cls, 10))), n_cls, "--classes",
+                                   spec.name)
     if getattr(args, "num_samples", None) is not None:
-        if args.num_samples < 1:
-            raise CLIError("--num-samples must be >= 1")
+        validate.int_at_least(args.num_samples, "--num-samples", 1, "images to generate", 4)
         conds = [conds[i % len(conds)] for i in range(args.num_samples)]
     return conds
+
+
+def _check_compare_configs(names: list[str]) -> None:
+    """--compare-configs entries: cache presets, pruning presets, "pruning+cache" or plan files."""
+    from .accel.cache_presets import CACHE_PRESETS
+    from .accel.presets import PRESETS
+
+    for name in names:
+        if name.endswith(".json"):
+            validate.plan_file(name, "--compare-configs")
+            continue
+        if "+" in name:
+            prune, cache = name.split("+", 1)
+        else:
+            prune, cache = (None, name) if name in CACHE_PRESETS else (name, None)
+        if (prune is not None and prune not in PRESETS) or (cache is not None and cache not in CACHE_PRESETS):
+            raise CLIError(f"--compare-configs {name}: unknown config; use a cache preset "
+                           f"({', '.join(sorted(CACHE_PRESETS))}), a pruning preset ({', '.join(sorted(PRESETS))}), "
+                           "pruning+cache, or a plan .json file")
+
+
+def _check_generate(args, spec) -> None:
+    """Sampling, size and output flags of `generate`, all before any model is built."""
+    validate.seed(args.seed, "--seed")
+    validate.guidance(args.cfg, "--cfg")
+    validate.top_k(args.top_k, "--top-k")
+    validate.top_p(args.top_p, "--top-p")
+    if args.batch_size is not None:
+        validate.int_at_least(args.batch_size, "--batch-size", 1, "images per forward pass", 4)
+    if args.benchmark is not None:
+        validate.int_at_least(args.benchmark, "--benchmark", 1, "timed runs, N >= 1", 5)
+    if args.benchmark is not None and (args.compare or args.compare_configs is not None):
+        raise CLIError("--benchmark times one configuration; drop --compare/--compare-configs")
+    if args.json is not None:
+        if args.benchmark is None and args.compare_configs is None:
+            raise CLIError(f"--json {args.json}: only --benchmark and --compare-configs write JSON (the images' "
+                           "report is --out/report.json); drop --json or add one of those")
+        validate.output_file(args.json, "--json")
+    if args.compare_configs is not None:
+        _check_compare_configs(args.compare_configs)
+    if args.benchmark is None:  # a benchmark writes nothing to --out
+        validate.output_dir(args.out, "--out")
 
 
 def _image_names(conds: list) -> list[str]:
@@ -230,6 +328,7 @@ def cmd_generate(args) -> int:
     from .pipelines.common import save_images
 
     spec = _spec_for(args)
+    _check_generate(args, spec)
     plan = _load_plan(args)
     cache = _cache_config(args)
     schedule = _schedule_for(spec, args)
@@ -254,16 +353,11 @@ def cmd_generate(args) -> int:
                 cache.resolve_stages(schedule)
             except PlanError as e:
                 raise CLIError(str(e)) from None
+    if args.compare and plan is None:
+        raise CLIError("--compare: compares a plan with the baseline, but no plan is given; add --preset NAME, "
+                       "--plan FILE or a caching flag")
     conds = _conditions(args, spec)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CLIError("--batch-size must be >= 1")
-    if args.benchmark is not None and args.benchmark < 1:
-        raise CLIError("--benchmark N needs N >= 1 timed runs")
-    if args.benchmark is not None and (args.compare or args.compare_configs is not None):
-        raise CLIError("--benchmark times one configuration; drop --compare/--compare-configs")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
 
     if args.compare_configs is not None:
         return _compare_configs(args, spec, conds)
@@ -370,31 +464,38 @@ def cmd_bench(args) -> int:
     from .eval.benchmark import format_results, run_benchmark
 
     spec = _spec_for(args)
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads {args.threads}: give a number of CPU threads >= 1")
+    validate.seed(args.seed, "--seed")
+    validate.int_at_least(args.repeats, "--repeats", 1, "timed runs per plan", 3)
+    validate.int_at_least(args.warmup, "--warmup", 0, "untimed runs first")
+    validate.int_at_least(args.batch, "--batch", 1, "images per generation")
+    if args.threads is not None:
+        validate.int_at_least(args.threads, "--threads", 1, "CPU threads", 4)
+    if args.json is not None:
+        validate.output_file(args.json, "--json")
     plans = [("none", None)]
     for name in args.plans:
         if name == "none":
             continue
         if name.endswith(".json"):
-            from .accel import AccelPlan
-
-            p = AccelPlan.from_json(name)
+            p = validate.plan_file(name, "--plans")
             plans.append((p.name, p))
         else:
             from .accel.presets import PRESETS
 
             if name not in PRESETS:
-                raise CLIError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+                raise CLIError(f"--plans {name}: unknown preset; known presets: {', '.join(sorted(PRESETS))} "
+                               "(or a plan .json file)")
             plans.append((name, name))
     if spec.family == "var":
         n = spec.config["num_classes"]
-        conds = [int(c) % n for c in (args.classes or list(range(args.batch)))]
+        conds = (validate.class_ids(args.classes, n, "--classes", spec.name) if args.classes
+                 else [i % n for i in range(args.batch)])
     else:
         if args.classes:
-            raise CLIError(f"{spec.name} is a text-to-image model: --classes does not apply (use --batch)")
+            raise CLIError(f"--classes: {spec.name} is a text-to-image model; drop --classes (use --batch)")
         conds = [f"benchmark prompt {i}" for i in range(args.batch)]
     _family_kwargs(args, spec)
+    _schedule_for(spec, args)  # --pn/--aspect before anything is built
     try:
         pipe = _build_pipeline(args, spec)
     except (ValueError, KeyError) as e:
@@ -426,6 +527,10 @@ def cmd_bench(args) -> int:
 def cmd_plan(args) -> int:
     from .accel.presets import PRESETS, get_preset
 
+    validate.int_at_least(args.last_side, "--last-side", 1, "side of the last scale in tokens", 16)
+    validate.int_at_least(args.depth, "--depth", 1, "transformer blocks", 16)
+    if not args.list and args.name not in PRESETS:
+        raise CLIError(f"plan {args.name}: unknown preset; known presets: {', '.join(sorted(PRESETS))}")
     if args.list:
         for name, fn in PRESETS.items():
             print(f"{name:<16}{fn(args.family, args.last_side, args.depth).description}")
@@ -438,8 +543,11 @@ def cmd_check_embedded(args) -> int:
     from .pipelines.common import atomic_write_text
     from .train.check import check_embedded
 
-    if args.samples <= 0:
-        raise CLIError("--samples must be positive")
+    validate.int_at_least(args.samples, "--samples", 1, "generated images", 100)
+    validate.seed(args.seed, "--seed")
+    validate.device(args.device, "--device")
+    if args.json is not None:
+        validate.output_file(args.json, "--json")
     res = check_embedded(samples=args.samples, seed=args.seed, device=args.device or "cpu")
     print(f"accuracy {res['accuracy']:.3f} (gate 0.90) | recon PSNR {res['recon_psnr']:.2f} dB (gate 24) | "
           f"{'PASSED' if res['passed'] else 'FAILED'}")
@@ -458,28 +566,28 @@ def cmd_models(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastvar", description="VAR-family image generation with training-free acceleration")
+    p = validate.UsageParser(prog="fastvar", description="VAR-family image generation with training-free acceleration")
     p.add_argument("--version", action="version", version=f"fastvar {__version__}")
     sub = p.add_subparsers(dest="command", metavar="command")
 
     g = sub.add_parser("generate", help="generate images (class ids for VAR)")
     _add_model_args(g, default_model="embedded")
     _add_plan_args(g)
-    g.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (class-conditional models)")
+    g.add_argument("--classes", type=cli_int, nargs="+", default=None, help="class ids (class-conditional models)")
     g.add_argument("--prompts", nargs="+", default=None, help="prompts (text-to-image models), one image each")
-    g.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=None)
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg", type=float, default=None)
-    g.add_argument("--top-k", dest="top_k", type=int, default=None)
-    g.add_argument("--top-p", dest="top_p", type=float, default=None)
+    g.add_argument("--num-samples", "--num_samples", dest="num_samples", type=cli_int, default=None)
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=cli_int, default=None)
+    g.add_argument("--seed", type=cli_int, default=0)
+    g.add_argument("--cfg", type=cli_float, default=None)
+    g.add_argument("--top-k", dest="top_k", type=cli_int, default=None)
+    g.add_argument("--top-p", dest="top_p", type=cli_float, default=None)
     g.add_argument("--compare", action="store_true", help="also run without the plan; print speedup and fidelity")
     g.add_argument("--save-images", "--save_images", dest="save_images", action="store_true", default=True)
     g.add_argument("--no-save-images", dest="save_images", action="store_false")
     g.add_argument("--stats", action="store_true", help="print tokens/FLOPs/time per scale")
     g.add_argument("--out", default="outputs")
     g.add_argument("--quiet", action="store_true")
-    g.add_argument("--benchmark", type=int, nargs="?", const=5, default=None, metavar="N",
+    g.add_argument("--benchmark", type=cli_int, nargs="?", const=5, default=None, metavar="N",
                    help="time N runs (default 5, after a warm-up) of this configuration: median and spread")
     g.add_argument("--json", default=None, help="with --compare-configs / --benchmark: write the results as JSON")
     c = g.add_argument_group("feature caching")
@@ -491,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-disable-attn", dest="cache_attn", action="store_false")
     c.add_argument("--cache-enable-mlp", dest="cache_mlp", action="store_true", default=None)
     c.add_argument("--cache-disable-mlp", dest="cache_mlp", action="store_false")
-    c.add_argument("--cache-threshold", "--cache_threshold", dest="cache_threshold", type=float, default=None)
+    c.add_argument("--cache-threshold", "--cache_threshold", dest="cache_threshold", type=cli_float, default=None)
     c.add_argument("--cache-adaptive-threshold", "--cache_adaptive_threshold", dest="cache_adaptive_threshold",
                    action="store_true", default=None)
     c.add_argument("--cache-interpolation-mode", "--cache_interpolation_mode", dest="cache_interpolation_mode",
@@ -499,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--use-cache", "--use_cache", dest="use_cache", action="store_true", help="legacy: the original preset")
     c.add_argument("--calibration", action="store_true", help="record similarities (needs --sim-path)")
     c.add_argument("--sim-path", "--sim_path", dest="sim_path", default=None)
-    c.add_argument("--threshold", type=float, default=None, help="legacy alias of --cache-threshold")
+    c.add_argument("--threshold", type=cli_float, default=None, help="legacy alias of --cache-threshold")
     c.add_argument("--compare-configs", "--compare_configs", dest="compare_configs", nargs="*", default=None,
                    help="baseline and every cache preset (or the given configs) side by side; table, PNG, --json")
     g.set_defaults(func=cmd_generate)
@@ -507,12 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="baseline vs plans: speed, tokens, FLOPs, memory, fidelity (JSON)")
     _add_model_args(b, default_model="var-d16")
     b.add_argument("--plans", nargs="+", default=["fastvar"], help="preset names or plan JSON files")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--batch", type=int, default=1, help="images per generation (CFG doubles it)")
-    b.add_argument("--classes", type=int, nargs="+", default=None)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--repeats", type=cli_int, default=3)
+    b.add_argument("--warmup", type=cli_int, default=1)
+    b.add_argument("--batch", type=cli_int, default=1, help="images per generation (CFG doubles it)")
+    b.add_argument("--classes", type=cli_int, nargs="+", default=None)
+    b.add_argument("--seed", type=cli_int, default=0)
+    b.add_argument("--threads", type=cli_int, default=None,
                    help="CPU threads for the run (default: torch's, usually every core); recorded in the JSON")
     b.add_argument("--json", default=None, help="write results as a JSON list (baseline first)")
     b.add_argument("--quiet", action="store_true")
@@ -521,14 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print a preset as JSON (a starting point for --plan files)")
     pl.add_argument("name", nargs="?", default="fastvar")
     pl.add_argument("--family", default="var", choices=["var", "infinity", "hart"])
-    pl.add_argument("--last-side", dest="last_side", type=int, default=16)
-    pl.add_argument("--depth", type=int, default=16)
+    pl.add_argument("--last-side", dest="last_side", type=cli_int, default=16)
+    pl.add_argument("--depth", type=cli_int, default=16)
     pl.add_argument("--list", action="store_true")
     pl.set_defaults(func=cmd_plan)
 
     ce = sub.add_parser("check-embedded", help="quality gates of the embedded model (checker accuracy, recon PSNR)")
-    ce.add_argument("--samples", type=int, default=100)
-    ce.add_argument("--seed", type=int, default=0)
+    ce.add_argument("--samples", type=cli_int, default=100)
+    ce.add_argument("--seed", type=cli_int, default=0)
     ce.add_argument("--device", default=None)
     ce.add_argument("--json", default=None)
     ce.set_defaults(func=cmd_check_embedded)
@@ -542,21 +650,26 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_subparsers = None
     if add_train_subparsers is not None:
         add_train_subparsers(sub)
+    from .eval.cli import add_eval_parser  # `fastvar eval …`; its handlers import their libraries lazily
+
+    add_eval_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    """Run one command; a usage error (bad flag value, unreadable file, unusable device) is printed as
+    ``fastvar: error: <message>`` on stderr and returns 2, without a traceback."""
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
         return int(args.func(args) or 0)
-    except CLIError as e:
+    except UsageError as e:
         print(f"fastvar: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ConnectionError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # library errors whose messages are written for users
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"fastvar: error: {msg}", file=sys.stderr)
         return 2

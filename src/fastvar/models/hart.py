@@ -594,20 +594,23 @@ def load_hart_state(model: HART, sd: dict[str, Tensor], what: str = "the HART tr
     model.load_state_dict(sd, strict=True)
 
 
-def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
-    """The weights of a ``save_pretrained`` folder: single or sharded safetensors / pytorch_model.bin."""
+def read_hf_weights(folder: str | Path, flag: str = "--weights") -> dict[str, Tensor]:
+    """The weights of a ``save_pretrained`` folder: single or sharded safetensors / pytorch_model.bin.
+
+    ``flag`` is the option a damaged file is reported under (``--weights``, ``--vae-weights`` for the tokenizer).
+    """
     from ..checkpoints import read_state_dict
 
     folder = Path(folder)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            return read_state_dict(folder / name)
+            return read_state_dict(folder / name, flag=flag)
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / name).is_file():
             files = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
             sd: dict[str, Tensor] = {}
             for f in files:
-                sd.update(read_state_dict(folder / f))
+                sd.update(read_state_dict(folder / f, flag=flag))
             return sd
     raise FileNotFoundError(
         f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json "
@@ -646,7 +649,7 @@ def load_hart_folder(
         if ema.is_file():
             from ..checkpoints import read_state_dict
 
-            load_hart_state(model, read_state_dict(ema), f"the EMA weights {ema}")
+            load_hart_state(model, read_state_dict(ema, flag="--weights"), f"the EMA weights {ema}")
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), tokenizer.to(device).eval()
 

@@ -7,11 +7,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import validate
 from ..accel import AccelPlan, make_hooks
 from ..accel.hooks import IDENTITY, Hooks
 from ..accel.pruning import PlanHooks
@@ -32,18 +34,49 @@ def with_defaults(defaults: dict, **given):
     return vals if len(vals) > 1 else vals[0]
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
-    return table[dtype]
+def resolve_dtype(dtype: str | torch.dtype, name: str = "dtype") -> torch.dtype:
+    """The torch dtype of "fp32"/"bf16"/"fp16" (or their torch spellings); a one-line UsageError otherwise."""
+    return validate.dtype(dtype, name)
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_load_args(device: Any = None, dtype: Any = "fp32", seed: Any = 0) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for a ``from_pretrained``/``random_init`` call, checked before anything is built.
+
+    Why first: torch reports an unusable device with an AssertionError from inside ``.to()``, after the
+    model was built (and the weights read); this names the argument and the fix before any of that.
+    """
+    dev = validate.device(device, "device")
+    dt = validate.dtype(dtype, "dtype")
+    validate.seed(seed, "seed")
+    return (dev if dev is not None else default_device()), dt
+
+
+def check_arch(**sizes: Any) -> None:
+    """Architecture overrides (``depth=2, embed_dim=64`` ...): whole numbers >= 1, None meaning "the default";
+    ``embed_dim`` must split evenly into ``num_heads`` heads when both are given."""
+    for k, v in sizes.items():
+        if v is not None:
+            validate.int_at_least(v, k, 1)
+    e, h = sizes.get("embed_dim"), sizes.get("num_heads")
+    if e is not None and h is not None and e % h:
+        raise validate.fail("embed_dim", e, f"not divisible by num_heads={h}",
+                            f"give a multiple of the head count, e.g. embed_dim={h * max(1, e // h)}")
+
+
+def check_sampling_args(seed: Any, plan: Any, cfg: Any, top_k: Any, top_p: Any, *, record: Any = False,
+                        decode: Any = True, cfg_per_scale: bool = False, top_k_schedule: bool = False) -> None:
+    """The options every pipeline call shares, checked before any text is encoded or token sampled."""
+    validate.seed(seed, "seed")
+    validate.plan(plan, "plan")
+    validate.guidance(cfg, "cfg", per_scale=cfg_per_scale)
+    validate.top_k(top_k, "top_k", allow_schedule=top_k_schedule)
+    validate.top_p(top_p, "top_p")
+    validate.flag_bool(record, "record")
+    validate.flag_bool(decode, "decode")
 
 
 class PlanRunner:

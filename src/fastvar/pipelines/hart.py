@@ -30,10 +30,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import validate
 from ..accel import AccelPlan
+from ..checkpoints import check_checkpoint_file
+from ..errors import UsageError
 from ..models.hart import HART, HARTConfig, hart_config
 from ..sampling import make_generator
-from .common import GenerationResult, PlanRunner, default_device, resolve_dtype, with_defaults
+from .common import (
+    GenerationResult,
+    PlanRunner,
+    check_arch,
+    check_load_args,
+    check_sampling_args,
+    resolve_dtype,
+    with_defaults,
+)
 
 HART_DEFAULTS: dict[str, Any] = dict(
     cfg=4.5,  # sample.py / app.py default
@@ -56,6 +67,33 @@ def _check_square(aspect: str | None, pn: str | None) -> None:
         raise ValueError(f"HART generates square images only; --aspect {aspect} is not available (use 1:1)")
     if pn not in (None, "1M"):
         raise ValueError(f"HART has one schedule (1024x1024, '1M'); --pn {pn} is not available")
+
+
+def _hart_name(name: Any) -> str:
+    """A HART model name of the registry; one UsageError line listing the known names otherwise."""
+    if name not in ("hart-0.7b", "hart-0.7b-1024px", "hart"):
+        raise UsageError(f"name={name!r}: not a HART model; known: hart-0.7b (alias hart)")
+    return "hart-0.7b" if name in ("hart", "hart-0.7b-1024px") else name
+
+
+def _check_weight_files(folder: Path, flag: str) -> None:
+    """Headers of the weight files ``read_hf_weights`` will read from ``folder`` (and ``ema_model.bin``), checked
+    before anything is built: a truncated download fails here, not after the tokenizer and text model load."""
+    files = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file() and not files:
+            import json
+
+            try:
+                names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"{flag} {folder}: {index} is not a valid shard index ({type(e).__name__}); "
+                                 "re-download the folder") from None
+            files += [folder / n for n in names]
+    if (folder / "ema_model.bin").exists():
+        files.append(folder / "ema_model.bin")
+    for f in files:
+        check_checkpoint_file(f, flag)
 
 
 def random_context(prompts: Sequence[str], tokens: int, channels: int) -> tuple[Tensor, Tensor]:
@@ -176,13 +214,17 @@ class HARTPipeline:
         by default only its quantizer exists (codebook + Phi convs, all the sampling loop needs).
         Weights come from ``seed`` without touching the global RNG.
         """
+        _hart_name(name)
+        device, _ = check_load_args(device, dtype, seed)
         _check_square(aspect, pn)
+        check_arch(text_tokens=text_tokens, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+                   text_channels=text_channels, **{k: v for k, v in overrides.items()
+                                                   if k in ("diff_width", "diff_depth") and v is not None})
         over = _drop_none(dict(context_token=text_tokens, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
                                context_dim=text_channels, **overrides))
         if embed_dim is not None and num_heads is None:
             over["num_heads"] = max(1, embed_dim // 64)
         cfg = hart_config(name, **over)
-        device = torch.device(device) if device is not None else default_device()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = HART(cfg)
@@ -204,13 +246,14 @@ class HARTPipeline:
         from ..models.hart import load_hart_folder
         from ..models.registry import get_spec
 
-        spec = get_spec(name)
+        spec = get_spec(_hart_name(name))
+        device, _ = check_load_args(device, dtype)
+        validate.flag_bool(use_ema, "use_ema")
         _check_square(kwargs.pop("aspect", None), kwargs.pop("pn", None))
         arch = _drop_none(kwargs)
         if arch:
             raise ValueError(f"{sorted(arch)} change the architecture, which the checkpoint defines; they apply to "
                              "--random-init only")
-        device = torch.device(device) if device is not None else default_device()
         root = _resolve_folder(weights or spec.weights, "--weights", "the HART checkpoint (llm/)")
         llm = _llm_dir(root)
         if vae_weights is not None:
@@ -222,6 +265,8 @@ class HARTPipeline:
         if not (tok_dir / "config.json").is_file():
             raise FileNotFoundError(f"--vae-weights {tok_dir}: no config.json (expected the tokenizer/ folder of "
                                     "https://huggingface.co/mit-han-lab/hart-0.7b-1024px)")
+        _check_weight_files(llm, "--weights")  # intact headers before the tokenizer, text model or transformer load
+        _check_weight_files(tok_dir, "--vae-weights")
         try:
             model, tok = load_hart_folder(llm, use_ema=use_ema, device="cpu", tokenizer_dir=tok_dir)
         except FileNotFoundError as e:
@@ -270,11 +315,9 @@ class HARTPipeline:
         """One image per prompt. ``seed`` seeds the token sampler and ``seed + 1`` the diffusion head's
         noise (None = the global RNGs, as the official scripts); ``top_k=None`` is the released 600/300
         schedule. ``decode=False`` returns the latent f_hat (B, Cvae, 64, 64) only."""
-        if isinstance(conditions, str):
-            conditions = [conditions]
-        prompts = list(conditions)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("HART needs one or more prompt strings (--prompts)")
+        prompts = validate.prompts(conditions, "conditions", self.name)
+        check_sampling_args(seed, plan, cfg, top_k, top_p, record=record, decode=decode, top_k_schedule=True)
+        validate.flag_bool(more_smooth, "more_smooth", allow_none=True)
         d = self.defaults
         cfg, top_k, top_p, more_smooth = with_defaults(d, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
         B, dev = len(prompts), self.device

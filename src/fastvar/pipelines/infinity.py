@@ -37,9 +37,11 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from .. import validate
 from ..accel import AccelPlan
 from ..accel.stats import FlopDims
-from ..checkpoints import CheckpointError, read_state_dict
+from ..checkpoints import CheckpointError, check_checkpoint_file, looks_local, read_state_dict
+from ..errors import UsageError
 from ..models.infinity import INFINITY_MODELS, Infinity, build_infinity, infinity_config, load_infinity_state
 from ..schedules import Schedule
 from ..schedules_infinity import (
@@ -51,7 +53,14 @@ from ..schedules_infinity import (
     nearest_aspect,
 )
 from ..text.condition import TextCondition, pack_text_features
-from .common import GenerationResult, PlanRunner, default_device, resolve_dtype, with_defaults
+from .common import (
+    GenerationResult,
+    PlanRunner,
+    check_arch,
+    check_load_args,
+    check_sampling_args,
+    with_defaults,
+)
 
 # Sampling defaults of the official inference (tools/run_infinity_pipeline.py and the 2B notebook: cfg 3,
 # tau 0.5, gen_one_img's top_k 900 / top_p 0.97, CFG mixed on the logits); the 8B notebook uses tau 1.0.
@@ -77,7 +86,7 @@ def _arch_name(name: str) -> str:
     key = "infinity-2b" if name == "infinity" else name
     if key not in INFINITY_MODELS:
         known = sorted(k for k in INFINITY_MODELS if k.startswith("infinity-"))
-        raise ValueError(f"unknown Infinity model {name!r}; known: {', '.join(known)}")
+        raise UsageError(f"name={name!r}: unknown Infinity model; known: {', '.join(known)}")
     return key
 
 
@@ -126,6 +135,24 @@ def random_text_features(prompts: Sequence[str], tokens: int, channels: int) -> 
         feats.append(torch.randn(tokens, channels, generator=g))
     x = torch.stack(feats)
     return pack_text_features(x, torch.ones(x.shape[:2], dtype=torch.bool))
+
+
+def _check_sizes(text_tokens: Any, over: dict[str, Any]) -> None:
+    """``text_tokens`` and the integer architecture overrides: whole numbers >= 1 (before anything is built)."""
+    check_arch(text_tokens=text_tokens, **{k: over[k] for k in ("depth", "embed_dim", "num_heads", "text_channels",
+                                                                "block_chunks", "text_maxlen") if k in over})
+
+
+def _check_insertion_layer(layer: Any, depth: int) -> None:
+    """``cfg_insertion_layer``: None (default), 0/1 (mix the logits) or a negative block offset > -depth, or a list."""
+    if layer is None:
+        return
+    items = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    for item in items:
+        v = validate.whole(item, "cfg_insertion_layer")
+        if not (v in (0, 1) or -depth < v < 0):
+            raise validate.fail("cfg_insertion_layer", layer, f"use 0/1 (logits) or a negative block offset above "
+                                f"-{depth} (the model has {depth} blocks)", "e.g. cfg_insertion_layer=0")
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -191,7 +218,7 @@ def resolve_checkpoint(ref: str | Path, default_name: str | None, flag: str, wha
             f"pass {what} itself"
         )
     s = str(ref)
-    hub = _hub_parts(s)
+    hub = None if looks_local(ref) else _hub_parts(s)
     if hub is None:
         raise FileNotFoundError(f"{flag} {s!r}: no such file or folder, and not a hub id (owner/repo:file); "
                                 f"pass the local path of {what}")
@@ -233,20 +260,35 @@ def resolve_checkpoint(ref: str | Path, default_name: str | None, flag: str, wha
     return out
 
 
-def read_infinity_weights(path: Path) -> dict[str, Tensor]:
-    """A flat transformer state dict from one file or a folder of shards (merged; tensors are not copied)."""
-    if not path.is_dir():
-        return read_state_dict(path)
+def _shard_files(path: Path, flag: str = "--weights") -> list[Path]:
+    """The shard files of a checkpoint folder (from its index, else every checkpoint file in it)."""
     index = _shard_index(path)
     if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{flag} {path}: {index.name} is not a valid shard index ({type(e).__name__}); "
+                             "re-download the folder") from None
     else:
         shards = sorted(f.name for f in path.iterdir() if f.suffix in _FILE_SUFFIXES)
     if not shards:
-        raise FileNotFoundError(f"{path} holds no checkpoint shards")
+        raise FileNotFoundError(f"{flag} {path}: the folder holds no checkpoint shards; pass the checkpoint itself")
+    return [path / n for n in shards]
+
+
+def check_weight_files(path: Path, flag: str = "--weights") -> None:
+    """Headers of a checkpoint file or of every shard of a folder, checked before anything is built or loaded."""
+    for f in _shard_files(path, flag) if path.is_dir() else [path]:
+        check_checkpoint_file(f, flag)
+
+
+def read_infinity_weights(path: Path, flag: str = "--weights") -> dict[str, Tensor]:
+    """A flat transformer state dict from one file or a folder of shards (merged; tensors are not copied)."""
+    if not path.is_dir():
+        return read_state_dict(path, flag=flag)
     sd: dict[str, Tensor] = {}
-    for name in shards:
-        sd.update(read_state_dict(path / name))
+    for f in _shard_files(path, flag):
+        sd.update(read_state_dict(f, flag=flag))
     return sd
 
 
@@ -339,12 +381,15 @@ class InfinityPipeline:
         checkpoint keys). None values mean "the model's default".
         """
         arch = _arch_name(name)
+        device, dt = check_load_args(device, dtype, seed)
+        resolve_aspect(aspect)  # options before the (possibly multi-GB) random model is built
+        resolve_pn(pn)
         over = {k: v for k, v in overrides.items() if v is not None}
+        _check_sizes(text_tokens, over)
         if "depth" in over and "block_chunks" not in over:
             chunks = infinity_config(arch).block_chunks
             over["block_chunks"] = chunks if over["depth"] % chunks == 0 else 1
-        device = torch.device(device) if device is not None else default_device()
-        model = build_infinity(arch, device=device, dtype=resolve_dtype(dtype), seed=seed, **over)
+        model = build_infinity(arch, device=device, dtype=dt, seed=seed, **over)
         return cls(model, arch, None, None, aspect, pn, text_tokens)
 
     @classmethod
@@ -366,7 +411,9 @@ class InfinityPipeline:
 
         arch = _arch_name(name)
         spec = get_spec(arch)
+        device, dt = check_load_args(device, dtype)
         over = {k: v for k, v in overrides.items() if v is not None}
+        _check_sizes(text_tokens, over)
         cfg = infinity_config(arch, **over)
         if isinstance(vae_config, BSQVAEConfig):
             vcfg = vae_config
@@ -389,7 +436,8 @@ class InfinityPipeline:
         wpath = resolve_checkpoint(wref, wname, "--weights", "the Infinity transformer checkpoint")
         vpath = resolve_checkpoint(vae_weights if vae_weights is not None else spec.vae_weights, vname,
                                    "--vae-weights", "the BSQ-VAE checkpoint")
-        device = torch.device(device) if device is not None else default_device()
+        check_weight_files(wpath, "--weights")  # intact headers before the text model or transformer load
+        check_weight_files(vpath, "--vae-weights")
         enc = load_text_encoder(text_encoder if text_encoder is not None else (spec.text_encoder or DEFAULT_TEXT_ENCODER),
                                 cfg.text_maxlen, device)
 
@@ -398,16 +446,16 @@ class InfinityPipeline:
         model = model.to_empty(device="cpu")
         model.reset_parameters()  # cfg_uncond rows a shorter checkpoint lacks keep a defined value
         try:
-            load_infinity_state(model, read_infinity_weights(wpath))
+            load_infinity_state(model, read_infinity_weights(wpath, "--weights"))
         except CheckpointError as e:
-            raise CheckpointError(f"--weights {wpath}: {e}") from None
+            raise e if "--weights" in str(e) else CheckpointError(f"--weights {wpath}: {e}") from None
         with torch.random.fork_rng(devices=[]):
             vae = BSQVAE(vcfg)
         try:
             load_bsq_vae_state(vae, vpath)
         except CheckpointError as e:
-            raise CheckpointError(f"--vae-weights {vpath}: {e}") from None
-        model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+            raise e if "--vae-weights" in str(e) else CheckpointError(f"--vae-weights {vpath}: {e}") from None
+        model = model.to(device=device, dtype=dt).eval()
         pipe = cls(model, arch, vae.eval().to(device), enc, aspect, pn, text_tokens)
         pipe.check_text_encoder()
         return pipe
@@ -434,10 +482,8 @@ class InfinityPipeline:
 
     @staticmethod
     def check_prompts(conditions: Sequence[str] | str) -> list[str]:
-        prompts = [conditions] if isinstance(conditions, str) else list(conditions)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("Infinity needs one or more prompt strings (--prompts)")
-        return prompts
+        """One or more non-blank prompt strings (a single string is one prompt); one UsageError line otherwise."""
+        return validate.prompts(conditions, "conditions", "Infinity")
 
     def __call__(self, conditions: Sequence[str], seed: int | None = 0, plan: AccelPlan | str | None = None,
                  cfg: float | None = None, top_k: int | None = None, top_p: float | None = None, record: bool = False,
@@ -450,6 +496,12 @@ class InfinityPipeline:
         ``decode=False`` returns only the summed codes ``result.latent`` (B, d, H/16, W/16).
         """
         prompts = self.check_prompts(conditions)
+        check_sampling_args(seed, plan, cfg, top_k, top_p, record=record, decode=decode, cfg_per_scale=True)
+        validate.temperature(tau, "tau", per_scale=True)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise validate.fail("negative_prompt", negative_prompt, "expected a string or None",
+                                "e.g. negative_prompt='blurry'")
+        _check_insertion_layer(cfg_insertion_layer, self.model.depth)
         d = self.defaults
         cfg, tau, top_k, top_p, layer = with_defaults(d, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
                                                       cfg_insertion_layer=cfg_insertion_layer)

@@ -524,7 +524,7 @@ def load_bsq_vae_state(
 
     top = "ema" if use_ema else "vae"
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        sd = read_state_dict(state_dict_or_path, top_key=top)
+        sd = read_state_dict(state_dict_or_path, top_key=top, flag="--vae-weights")
     else:
         sd = dict(state_dict_or_path)
         if isinstance(sd.get(top), Mapping):

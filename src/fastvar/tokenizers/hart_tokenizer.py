@@ -161,7 +161,7 @@ def load_hart_tokenizer(folder: str | Path) -> HARTTokenizer:
             "of https://huggingface.co/mit-han-lab/hart-0.7b-1024px)"
         )
     tok = HARTTokenizer.from_official_config(json.loads((folder / "config.json").read_text()))
-    vae_sd, _ = split_tokenizer_state(read_hf_weights(folder))
+    vae_sd, _ = split_tokenizer_state(read_hf_weights(folder, flag="--vae-weights"))
     tok.load_official(vae_sd)
     return tok.eval()
 

@@ -69,10 +69,12 @@ def sample_accuracy(var, vae, samples: int, seed: int, sampling: dict[str, Any],
 def check_embedded(samples: int = 100, seed: int = 0, device: str = "cpu", recon_images: int = 64,
                    assets: str | Path | None = None) -> dict[str, Any]:
     """Both quality gates of the shipped model: ``{"accuracy", "recon_psnr", ...}``."""
+    from .. import validate
     from .embedded import load_embedded
 
-    if samples <= 0:
-        raise ValueError("--samples must be positive")
+    validate.int_at_least(samples, "--samples", 1, "generated images", 100)
+    validate.seed(seed, "--seed")
+    validate.device(device, "--device")
     var, vae, cfg = load_embedded(device, assets)
     torch.manual_seed(seed)
     acc = sample_accuracy(var, vae, samples, seed, cfg["sampling"])

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..checkpoints import read_state_dict
 
 LATEST = "latest.json"
 _CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
@@ -95,8 +97,9 @@ def load_sharded(folder: Path, name: str) -> dict[str, torch.Tensor]:
     if not files:
         raise CheckpointError(f"checkpoint {folder} has no '{name}' tensors")
     out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f)))
+    for f in files:  # a damaged shard is one line naming it and the way out
+        out.update(read_state_dict(f, flag="--out", fix=f"delete {folder} to resume from the previous checkpoint, "
+                                   "or pass --no-resume"))
     return out
 
 

@@ -28,6 +28,7 @@ _HELP = {
 
 
 def _add_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    from ..validate import cli_float, cli_int
     from .loop import LoopConfig
 
     loop_defaults = {k: v for k, v in vars(LoopConfig(out="")).items() if k not in ("extra", "resume")}
@@ -40,7 +41,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
         elif isinstance(v, tuple):
             p.add_argument(flag, dest=k, default=None, help=f"{h} comma-separated (default {','.join(map(str, v))})")
         else:
-            typ = int if isinstance(v, int) else float if isinstance(v, float) else str
+            typ = cli_int if isinstance(v, int) else cli_float if isinstance(v, float) else str
             p.add_argument(flag, dest=k, type=typ, default=None, required=k == "out",
                            help=f"{h} (default {v})" if v is not None else h)
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
@@ -56,7 +57,7 @@ def add_train_subparsers(subparsers) -> argparse.ArgumentParser:
     from .vqvae_train import VQVAE_DEFAULTS
 
     train = subparsers.add_parser("train", help="train a VQVAE or a VAR (torchrun-compatible)")
-    sub = train.add_subparsers(dest="train_command", required=True)
+    sub = train.add_subparsers(dest="train_command", required=True, metavar="{vqvae,var}")
     pv = sub.add_parser("vqvae", help="train the multi-scale VQVAE tokenizer",
                         description="Reconstruction + multi-scale VQ training; resumes from --out automatically.")
     _add_options(pv, VQVAE_DEFAULTS)
@@ -84,11 +85,23 @@ def _run_var(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m fastvar.train.cli vqvae ...``), usable under torchrun."""
-    parser = argparse.ArgumentParser(prog="fastvar")
+    """Stand-alone entry (``python -m fastvar.train.cli vqvae ...``), usable under torchrun.
+
+    A bad option is printed as one line (``fastvar: error: ...``, exit status 2), as by ``fastvar train``.
+    """
+    import sys
+
+    from ..errors import UsageError
+    from ..validate import UsageParser
+
+    parser = UsageParser(prog="fastvar")
     add_train_subparsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.func(args)
+    try:
+        args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+        return args.func(args)
+    except UsageError as e:
+        print(f"fastvar: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None
 
 def load_embedded(device: str | torch.device = "cpu", assets: Path | None = None) -> tuple[nn.Module, nn.Module, dict]:
     """(var, vae, config) of the shipped model, in eval mode on ``device``."""
-    from safetensors.torch import load_file
-
+    from ..checkpoints import read_state_dict
     from ..models.var import VAR
     from .vqvae_train import build_vqvae
 
@@ -58,9 +57,10 @@ def load_embedded(device: str | torch.device = "cpu", assets: Path | None = None
         raise EmbeddedModelMissing(f"embedded model files missing: {', '.join(absent)}")
     cfg = json.loads(files[2].read_text())
     vae = build_vqvae(cfg["vqvae"])
-    _load_into(vae, load_file(str(files[0])), "VQVAE")
+    fix = "reinstall fastvar (pip install --force-reinstall), or re-export the embedded model"
+    _load_into(vae, read_state_dict(files[0], flag="assets", fix=fix), "VQVAE")
     var = VAR(**cfg["var"])
-    _load_into(var, load_file(str(files[1])), "VAR")
+    _load_into(var, read_state_dict(files[1], flag="assets", fix=fix), "VAR")
     return var.eval().to(device), vae.eval().to(device), cfg
 
 

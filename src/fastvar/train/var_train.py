@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ckpt as ck
-from .config import LOOP_DEFAULTS, check_schedule, loop_config, merged
+from .config import LOOP_DEFAULTS, check_options, check_schedule, loop_config, merged
 from .dist import cleanup, init_distributed
 from .folder import BatchSource, Prefetcher, build_dataset
 from .loop import Trainer
@@ -74,7 +74,7 @@ def load_vqvae(source: str | Path, prefer_ema: bool = True) -> tuple[nn.Module, 
     Returns (vae, vqvae config, description). A ``.safetensors`` file needs its config next to it
     (``<file>.json`` or an ``embedded.json`` with a ``vqvae`` entry).
     """
-    from safetensors.torch import load_file
+    from ..checkpoints import read_state_dict
 
     p = Path(source)
     if p.is_dir():
@@ -95,7 +95,7 @@ def load_vqvae(source: str | Path, prefer_ema: bool = True) -> tuple[nn.Module, 
             raise FileNotFoundError(f"no config json for {p} (expected {p.with_suffix('.json')})")
         cj = json.loads(cfg_file.read_text())
         cfg = cj.get("vqvae", cj)
-        sd = load_file(str(p))
+        sd = read_state_dict(p, flag="--vqvae")
         desc = {"source": str(p), "from": cj.get("source")}
     else:
         raise FileNotFoundError(f"VQVAE {p} does not exist")
@@ -171,6 +171,7 @@ def train_var(config: Any) -> dict[str, float]:
     from ..models.var import VAR
 
     d = merged(VAR_DEFAULTS, config)
+    check_options(d)
     if int(d["threads"]) > 0:
         torch.set_num_threads(int(d["threads"]))
     if not d["vqvae"]:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import LOOP_DEFAULTS, check_schedule, loop_config, merged, parse_ints
+from .config import LOOP_DEFAULTS, check_options, check_schedule, loop_config, merged, parse_ints
 from .dist import cleanup, init_distributed
 from .folder import BatchSource, Prefetcher, build_dataset
 from .loop import Trainer
@@ -174,6 +174,7 @@ class CodeUsage:
 def train_vqvae(config: Any) -> dict[str, float]:
     """Train (or resume) a VQVAE; ``config`` is an argparse namespace, dict or dataclass (see VQVAE_DEFAULTS)."""
     d = merged(VQVAE_DEFAULTS, config)
+    check_options(d)
     if int(d["threads"]) > 0:
         torch.set_num_threads(int(d["threads"]))
     mcfg = vqvae_model_config(d)
