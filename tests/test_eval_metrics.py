@@ -197,3 +197,16 @@ def test_image_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds no images"):
         M.collect_images(tmp_path / "empty")
+
+
+def test_atomic_output_keeps_the_old_file_when_a_write_dies(tmp_path):
+    from fastvar.checkpoints import atomic_output
+
+    target = tmp_path / "stats.npz"
+    M.save_stats(target, (np.zeros(2), np.eye(2)))
+    before = target.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(target) as f:
+            f.write(b"half a file")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["stats.npz"]

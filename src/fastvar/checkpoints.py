@@ -7,10 +7,12 @@ configuration the file looks like, because "wrong depth" is the usual cause.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -245,3 +247,25 @@ def resolve_file(path_or_hub_id: str | os.PathLike, filename: str | None = None,
             f"could not fetch {fname} from the hub repo {repo} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Without network, download it elsewhere and pass the local path, e.g. {flag} /path/to/{fname}"
         ) from None
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` through a temporary file in the same folder, renamed into place only when the ``with``
+    block succeeds: readers (and a resumed run) see the old file or the complete new one, never half a file.
+
+    For writers that need a file object (``np.savez``, ``fig.savefig``); on any exception, KeyboardInterrupt
+    included, the temporary file is removed and the target is left untouched.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

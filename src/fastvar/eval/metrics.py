@@ -231,21 +231,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def save_stats(path: str | Path, overall: tuple[np.ndarray, np.ndarray],
                per_category: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """An ``.npz`` with ``mu``/``sigma`` (clean-fid/pytorch-fid keys) and ``mu_<cat>``/``sigma_<cat>``, atomically."""
-    import tempfile
+    from ..checkpoints import atomic_output
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": overall[0], "sigma": overall[1]}
     for cat, (mu, sigma) in (per_category or {}).items():
         arrays[f"mu_{cat}"], arrays[f"sigma_{cat}"] = mu, sigma
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_stats(path: str | Path, flag: str = "--ref") -> tuple[tuple[np.ndarray, np.ndarray], dict[str, tuple]]:

@@ -123,8 +123,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("the quality-vs-speedup plot needs matplotlib: pip install 'fastvar-vision[plot]'") from None
-    import os
-    import tempfile
+    from ..checkpoints import atomic_output
 
     cols = [c for c in report["columns"] if any(r["metrics"][c]["value"] is not None and r["speedup"] for r in report["rows"])]
     if not cols:
@@ -141,19 +140,12 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel(f"{c} ({'higher' if report['higher_is_better'][c] else 'lower'} is better)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(path) as f:
             fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 __all__ = ["METRICS", "build_report", "load_run", "plot_report", "scores_path", "to_markdown"]
