@@ -42,7 +42,7 @@ def _record(args, metric: str, result: dict[str, Any]) -> None:
     """``--json`` and ``IMAGES/scores/<metric>.json`` (the report reads the latter)."""
     from .report import scores_path
 
-    result = {"metric": metric, "images": str(args.images), **result}
+    result = {"metric": metric, "images_dir": str(args.images), **result}
     if args.json:
         _write_json(result, Path(args.json))
     if not args.no_record:
