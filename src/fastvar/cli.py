@@ -556,6 +556,12 @@ def cmd_check_embedded(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import serve_from_args  # imports gradio lazily (one-line message when it is missing)
+
+    return serve_from_args(args)
+
+
 def cmd_models(args) -> int:
     from .models.registry import MODELS
 
@@ -640,6 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--device", default=None)
     ce.add_argument("--json", default=None)
     ce.set_defaults(func=cmd_check_embedded)
+
+    dm = sub.add_parser("demo", help="local web page (127.0.0.1): baseline and accelerated images side by side")
+    _add_model_args(dm, default_model="embedded")
+    _add_plan_args(dm)
+    dm.add_argument("--port", type=cli_int, default=7860)
+    dm.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    dm.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("models", help="list known model names")
     m.set_defaults(func=cmd_models)
