@@ -19,9 +19,11 @@ from fastvar.accel.hooks import Hooks
 from fastvar.accel.presets import get_preset
 from fastvar.models.infinity import Infinity, InfinityConfig, InfinityOutput
 from fastvar.models.infinity_rope import rope2d_positions
-from fastvar.tokenizers.bsq import BSQVAE, BSQVAEConfig, load_bsq_vae_state
+from fastvar.tokenizers.bsq import BSQVAE, BSQVAEConfig, load_bsq_vae_state, unpack_bits
 
-from .conftest import load_fixture
+from .conftest import load_fixture, nonempty
+
+PARITY_MODEL = "infinity"  # the fixture folder (conftest reads its thread count)
 
 LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)
 # The official cross-attention rounds q/k/v and its output to bf16 even in fp32 mode (we emulate it). On a CPU
@@ -33,13 +35,51 @@ ROUNDING_FLIP_MAX = 2e-3  # and by at most this much
 CODES_TOL = dict(atol=1e-5, rtol=0.0)
 IMG_MAX_FRACTION = 1e-3  # share of uint8 values allowed to differ (by at most 1)
 
-ORIGINAL_CASES = ["infer_greedy_256", "infer_sampled_256", "infer_greedy_cfglayer_256", "infer_greedy", "infer_sampled"]
-FASTVAR_CASES = ["fastvar_infer_greedy_256", "fastvar_infer_sampled_256", "fastvar_infer_greedy", "fastvar_infer_sampled"]
 BRANCHES = ("attn", "cross", "ffn")  # order of the fixture's sub-layer axis: self-attn, cross-attn, ffn
 
 
 def fix():
     return load_fixture("infinity")
+
+
+# Case names are read from cases.json, never spelled out: an inference case records the
+# autoregressive_infer_cfg kwargs and its sampler-call count; a FastVAR one also records what was pruned.
+def _inference_cases() -> list[str]:
+    return nonempty([c for c in fix().case_names() if "kwargs" in fix().case(c) and "n_sampler_calls" in fix().case(c)],
+                    "inference case")
+
+
+def _is_fastvar(case: str) -> bool:
+    return "pruned" in fix().case(case)
+
+
+ORIGINAL_CASES = nonempty([c for c in _inference_cases() if not _is_fastvar(c)], "original-model inference case")
+FASTVAR_CASES = nonempty([c for c in _inference_cases() if _is_fastvar(c)], "FastVAR inference case")
+
+
+def _n_tokens(case: str) -> int:
+    return sum(h * w for h, w in _sizes(case))
+
+
+def _sizes(case: str) -> list[tuple[int, int]]:
+    return [tuple(s[1:]) for s in fix().case(case)["kwargs"]["scale_schedule"]]
+
+
+def _small_case(greedy: bool) -> str:
+    """The cheapest original case that guides on logits, greedy (top_k=1) or sampled, for the engine contract tests."""
+    pool = [
+        c for c in ORIGINAL_CASES
+        if fix().case(c)["kwargs"]["cfg_insertion_layer"] == [0] and (fix().case(c)["kwargs"]["top_k"] == 1) == greedy
+    ]
+    assert pool, f"no original {'greedy' if greedy else 'sampled'} case guiding on logits"
+    return min(pool, key=_n_tokens)
+
+
+def _original_of(case: str) -> str:
+    """The original case a FastVAR case re-runs with the very same kwargs."""
+    found = [c for c in ORIGINAL_CASES if fix().case(c)["kwargs"] == fix().case(case)["kwargs"]]
+    assert len(found) == 1, f"{case}: expected one original case with the same kwargs, found {found}"
+    return found[0]
 
 
 def _prefix(kind: str) -> str:
@@ -64,9 +104,18 @@ def tiny_vae():
     return vae.eval()
 
 
-def text_condition(meta_key: str = "infer.input", tensors: str = "infer.input"):
-    """The official 4-tuple (kv_compact, lens, cu_seqlens_k int32, Ltext) of a case."""
+def _shared_input() -> str:
+    """The entry holding the text condition every inference case shares (``<name>.input``, _conventions)."""
+    found = [c for c in fix().case_names() if c.endswith(".input")]
+    assert len(found) == 1, f"expected one shared '<name>.input' entry, found {found}"
+    return found[0]
+
+
+def text_condition(meta_key: str | None = None, tensors: str | None = None):
+    """The official 4-tuple (kv_compact, lens, cu_seqlens_k int32, Ltext) of a case (default: the shared one)."""
     f = fix()
+    meta_key = meta_key or _shared_input()
+    tensors = tensors or _shared_input()
     meta = f.case(meta_key)
     return (f.t(f"{tensors}.kv_compact"), meta["lens"], f.t(f"{tensors}.cu_seqlens_k").to(torch.int32), meta["Ltext"])
 
@@ -84,7 +133,7 @@ def generate(case: str) -> tuple[InfinityOutput, dict]:
     kw = fix().case(case)["kwargs"]
     model = tiny_model()
     kept: dict = {}
-    hooks = apply(model, get_preset("fastvar", "infinity"), record=True) if case.startswith("fastvar") else None
+    hooks = apply(model, get_preset("fastvar", "infinity"), record=True) if _is_fastvar(case) else None
     try:
         out = model.autoregressive_infer(
             text_condition(), kw["scale_schedule"], cfg=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"],
@@ -119,7 +168,9 @@ def _assert_images_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 def test_transformer_forward_logits():
     f = fix()
-    case = "transformer_forward"
+    found = f.cases_storing("x_BLC_wo_prefix", kind="input")  # README: transformer_forward (teacher forcing)
+    assert len(found) == 1, found
+    case = found[0]
     meta = f.case(case)
     text = text_condition(case, f"{case}.input")
     with torch.no_grad():
@@ -149,7 +200,7 @@ def _check_common(case: str, out: InfinityOutput) -> None:
     assert len(out.executed) == meta["n_sampler_calls"]
     ours = torch.cat([pack_bits(b) for b in out.bits if b is not None], dim=1)
     assert torch.equal(ours, f.t(f"{case}.output.idx_packed"))
-    ref5 = f.t(f"{case}.output.logits_first5scales")
+    ref5 = f.t(f.one(case, r"logits_first\d+scales"))  # the sampler input of the first scales, concatenated
     got, n = [], 0
     for lg in out.logits:
         if n == ref5.shape[1]:
@@ -174,16 +225,25 @@ def test_fastvar_generation_bits_logits_codes(case):
     _check_common(case, out)
     f = fix()
     meta = f.case(case)
-    sizes = [tuple(s[1:]) for s in meta["kwargs"]["scale_schedule"]]
+    sizes = _sizes(case)
     pruned = {tuple(ast.literal_eval(k)[1:]): v for k, v in meta["pruned"].items()}
     assert {sizes[si] for si, _, _ in kept} == set(pruned)
+    # the scales that ran: the schedule minus the skipped ones, as the fixture records them
+    assert [sizes[si] for si in out.executed] == [tuple(s[1:]) for s in meta["scales_run_through_transformer"]]
     for hw, info in pruned.items():
         si = sizes.index(hw)
         ref = f.t(f"{case}.output.pivotal_idx_{hw[0]}x{hw[1]}")
+        assert list(ref.shape) == info["shape_layers_sublayer_batch_kept"] and ref.shape[1] == len(BRANCHES)
         ours = torch.stack([torch.stack([kept[(si, layer, b)] for b in BRANCHES]) for layer in info["layers"]])
-        # the same kept set; the order of two tokens with (near-)equal scores may swap across CPUs (fixture README)
-        assert torch.equal(ours.sort(-1).values, ref.sort(-1).values)
-        assert (ours != ref).float().mean().item() <= 0.01
+        assert ours.shape[-1] == info["num_kept"] and ours.shape == ref.shape
+        # Compared as sets, per (layer, sub-layer, batch row), as the README says to when orders differ. The
+        # official order is a non-stable argsort(descending=True) of the scores, so among (near-)tied scores
+        # it is not defined: it depends on the sort kernel and on last-ulp rounding of the scores, and
+        # cases.json records no score gaps to bound it. Nothing downstream depends on it either: the kept
+        # tokens go through per-token ops and unmasked attention and are scattered back by index, so any
+        # order gives the same result up to summation order (the bits and logits are compared above and
+        # below). What the official code does define, and what changes the output, is WHICH tokens are kept.
+        assert torch.equal(ours.sort(-1).values, ref.sort(-1).values), f"pivotal sets differ at {hw}"
         assert {layer for s, layer, _ in kept if s == si} == set(info["layers"])
         key = f"{case}.output.logits_scale{hw[0]}x{hw[1]}"
         if key in f.tensors:
@@ -200,27 +260,21 @@ def _check_image(case: str) -> None:
     meta = f.case(case)
     ours = _image(case)
     assert list(ours.shape) == meta["image_full_shape"]
-    full, strided = f"{case}.output.image_bgr_u8", f"{case}.output.image_bgr_u8_stride8"
-    if full in f.tensors:
-        _assert_images_close(ours, f.t(full))
-    elif strided in f.tensors:
-        ref = f.t(strided)
-        step = ours.shape[1] // ref.shape[1]
-        _assert_images_close(ours[:, ::step, ::step, :], ref)
+    full = f.matching(case, "image_bgr_u8")
+    strided = f.matching(case, r"image_bgr_u8_stride(\d+)")  # img[:, ::s, ::s, :] of a large image
+    if full:
+        _assert_images_close(ours, f.t(f"{case}.output.{full[0].group(0)}"))
+    elif strided:
+        step = int(strided[0].group(1))
+        _assert_images_close(ours[:, ::step, ::step, :], f.t(f"{case}.output.{strided[0].group(0)}"))
     elif meta.get("image_bitwise_equal_to_original"):
-        _assert_images_close(ours, f.t(f"{case.removeprefix('fastvar_')}.output.image_bgr_u8"))
-    else:
-        pytest.fail(f"{case}: no stored image to compare with")
+        _assert_images_close(ours, f.t(f"{_original_of(case)}.output.image_bgr_u8"))
+    # every case records the full image's sum, also the ones that store no pixels (|diff| <= 1 on <= 0.1 %)
     assert abs(int(ours.long().sum()) - meta["image_full_sum"]) <= IMG_MAX_FRACTION * ours.numel()
 
 
-@pytest.mark.parametrize("case", [c for c in ORIGINAL_CASES + FASTVAR_CASES if c.endswith("_256") and "cfglayer" not in c])
-def test_generation_image_256(case):
-    _check_image(case)
-
-
-@pytest.mark.parametrize("case", [c for c in ORIGINAL_CASES + FASTVAR_CASES if not c.endswith("_256")])
-def test_generation_image_1024(case):
+@pytest.mark.parametrize("case", nonempty([c for c in _inference_cases() if "image_full_shape" in fix().case(c)], "image record"))
+def test_generation_image(case):
     _check_image(case)
 
 
@@ -252,24 +306,29 @@ class _Recorder(Hooks):
         self.calls.append(("end",))
 
 
-def _run_256(model: Infinity, **over) -> InfinityOutput:
-    kw = fix().case("infer_sampled_256")["kwargs"]
-    args = dict(cfg=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"], top_p=kw["top_p"], g_seed=kw["g_seed"])
+def _run(model: Infinity, case: str, **over) -> InfinityOutput:
+    """A case's own autoregressive_infer_cfg kwargs (``over`` replaces some) on ``model``, without the engine."""
+    kw = fix().case(case)["kwargs"]
+    args = dict(cfg=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"], top_p=kw["top_p"], g_seed=kw["g_seed"],
+                cfg_insertion_layer=kw["cfg_insertion_layer"])
     args.update(over)
     return model.autoregressive_infer(text_condition(), kw["scale_schedule"], **args)
 
 
 def test_hook_call_order_and_skip_semantics():
     model = tiny_model()
-    kw = fix().case("infer_sampled_256")["kwargs"]
-    sizes = tuple(tuple(s[1:]) for s in kw["scale_schedule"])
+    case = _small_case(greedy=False)
+    kw = fix().case(case)["kwargs"]
+    sizes = tuple(_sizes(case))
+    assert len(sizes) >= 2
     rec = _Recorder(skip=len(sizes) - 2)
     model.hooks = rec
     try:
-        out = _run_256(model)
+        out = _run(model, case)
     finally:
         remove(model)
-    assert rec.calls[0] == ("begin", sizes, 2) and rec.calls[-1] == ("end",)
+    batch = kw["B"] * (2 if any(c != 1 for c in kw["cfg_list"]) else 1)  # CFG doubles the batch
+    assert rec.calls[0] == ("begin", sizes, batch) and rec.calls[-1] == ("end",)
     expected = []
     for si, hw in enumerate(sizes):
         if si == rec.skip:
@@ -281,17 +340,18 @@ def test_hook_call_order_and_skip_semantics():
     assert rec.calls[1:-1] == expected
     assert out.bits[rec.skip] is None and rec.skip not in out.executed
     # scales before the skipped one are untouched; nothing else drew from the generator
-    ref, _ = generate("infer_sampled_256")
+    ref, _ = generate(case)
     for si in range(rec.skip):
         assert torch.equal(out.bits[si], ref.bits[si])
 
 
 def test_identity_plan_is_bitwise_the_plain_model():
     model = tiny_model()
-    plain = _run_256(model)
+    case = _small_case(greedy=False)
+    plain = _run(model, case)
     apply(model, get_preset("identity", "infinity"))
     try:
-        planned = _run_256(model)
+        planned = _run(model, case)
     finally:
         remove(model)
     for a, b in zip(plain.bits, planned.bits):
@@ -300,10 +360,61 @@ def test_identity_plan_is_bitwise_the_plain_model():
 
 
 def test_bfloat16_generation_runs():
+    """The model cast to bfloat16 runs a greedy case end to end with well-formed outputs, and approximates
+    the fp32 reference wherever that comparison is defined.
+
+    No global bit-agreement ratio: once one bit flips at a bf16 near-tie, every later scale sees other
+    inputs and may legitimately diverge, so such a ratio is a number fitted to one fixture. The fp32
+    comparison covers only the scales whose inputs are still the reference's: the first scale (it sees
+    the text condition only), then each next one while every earlier bit agreed. Within them:
+
+    - the sampler logits match the fixture's fp32 logits within a bf16 budget, relative error (L2 and
+      max norm) <= (depth + 2) * eps_bf16: each rounding to bf16 costs <= eps/2 relative, and the error
+      grows about linearly along the residual stream, about one eps per block plus the text encoder and
+      the head. A broken bf16 path (a lost upcast, a wrong cast) errs by order 1, far above it;
+    - a bit whose fp32 margin |logit(bit=0) - logit(bit=1)| (fixture logits) exceeds twice that budget
+      cannot flip within it, so it must equal the reference bit.
+    """
+    f = fix()
+    case = _small_case(greedy=True)
+    meta = f.case(case)
+    B, d = meta["kwargs"]["B"], f.config["infinity_derived"]["d_vae"]
+    sizes = _sizes(case)
     model = Infinity(tiny_model().cfg)
     model.load_state_dict(tiny_model().state_dict())
     model = model.to(torch.bfloat16).eval()
-    out = _run_256(model, top_k=1, top_p=0.0)
-    ref, _ = generate("infer_greedy_256")
-    agree = torch.cat([(a == b).flatten() for a, b in zip(out.bits, ref.bits)]).float().mean().item()
-    assert out.summed_codes.dtype == torch.float32 and agree > 0.9  # bf16 rounding flips a few bits
+    with torch.no_grad():
+        out = _run(model, case, return_logits=True)
+        image = tiny_vae().decode(out.summed_codes)
+
+    # it runs: every scale, valid bits, finite logits, float32 latent and a finite image of the fixture's size
+    assert out.executed == list(range(len(sizes)))
+    for si, (h, w) in enumerate(sizes):
+        assert out.bits[si].shape == (B, h, w, d) and bool(((out.bits[si] == 0) | (out.bits[si] == 1)).all())
+        assert out.logits[si].shape == (B, h * w * d, 2) and bool(torch.isfinite(out.logits[si]).all())
+    assert out.summed_codes.dtype == torch.float32 and bool(torch.isfinite(out.summed_codes).all())
+    assert out.summed_codes.shape == (B, d, *sizes[-1])
+    assert [image.shape[0], *image.shape[2:], image.shape[1]] == meta["image_full_shape"]
+    assert bool(torch.isfinite(image).all())
+
+    # it approximates fp32 on the scales whose inputs are the reference's
+    budget = (model.depth + 2) * torch.finfo(torch.bfloat16).eps
+    ref_bits = unpack_bits(f.t(f"{case}.output.idx_packed"), d)
+    ref_logits = f.t(f.one(case, r"logits_first\d+scales"))
+    tok = pos = compared = 0
+    for si, (h, w) in enumerate(sizes):
+        n = h * w * d
+        if pos + n > ref_logits.shape[1]:
+            break
+        ref, ours = ref_logits[:, pos : pos + n].float(), out.logits[si].float()
+        err = ours - ref
+        assert err.norm() <= budget * ref.norm(), f"scale {si}: bf16 logits off by {err.norm() / ref.norm():.3g} (L2, rel.)"
+        assert err.abs().max() <= budget * ref.abs().max(), f"scale {si}: max |diff| {err.abs().max():.3g}"
+        ref_b = ref_bits[:, tok : tok + h * w].reshape(B, h, w, d)
+        sure = (ref[..., 0] - ref[..., 1]).abs().view(B, h, w, d) > 2 * budget * ref.abs().max()
+        assert torch.equal(out.bits[si][sure], ref_b[sure]), f"scale {si}: a bit flipped beyond the bf16 budget"
+        compared += 1
+        tok, pos = tok + h * w, pos + n
+        if not torch.equal(out.bits[si], ref_b):
+            break  # a near-tie flipped: from here on the inputs differ from the reference's
+    assert compared >= 1

@@ -14,7 +14,9 @@ import torch
 from fastvar.schedules_infinity import accumulate_codes, bits_to_codes, next_scale_input, schedule_sizes
 from fastvar.tokenizers.bsq import BSQVAE, BSQVAEConfig, load_bsq_vae_state, unpack_bits
 
-from .conftest import load_fixture
+from .conftest import load_fixture, nonempty
+
+PARITY_MODEL = "infinity"  # the fixture folder (conftest reads its thread count)
 
 FEAT_TOL = 1e-5
 IMG_TOL = 1e-4
@@ -25,12 +27,26 @@ def fix():
     return load_fixture("infinity")
 
 
+def _vae_prefix() -> str:
+    """The weights prefix config.json gives the AutoEncoder state_dict."""
+    found = [p for p, what in fix().config["weights"]["prefixes"].items() if what.startswith("AutoEncoder")]
+    assert len(found) == 1, fix().config["weights"]["prefixes"]
+    return found[0]
+
+
+def the_case(pattern: str, kind: str = "output") -> str:
+    """The one case storing a ``kind`` tensor named like ``pattern`` (case names are not hard-coded)."""
+    found = fix().cases_storing(pattern, kind)
+    assert len(found) == 1, f"expected one case storing {kind} {pattern!r}, found {found}"
+    return found[0]
+
+
 @cache
 def build_vae() -> BSQVAE:
     f = fix()
     cfg = BSQVAEConfig.from_official_kwargs(f.config["vae_constructor_kwargs"], f.config["vae_namespace_overrides"])
     vae = BSQVAE(cfg).eval().requires_grad_(False)
-    return load_bsq_vae_state(vae, f.weights_with_prefix("vae."))
+    return load_bsq_vae_state(vae, f.weights_with_prefix(_vae_prefix()))
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,42 +76,56 @@ def _assert_u8_close(ours: torch.Tensor, ref: torch.Tensor):
     assert (diff > 0).float().mean().item() <= U8_MAX_FRACTION
 
 
+def _encode_case() -> str:
+    return the_case("raw_features")  # README: vae_encode (vae.encode's raw features, z, bit labels)
+
+
 def test_vae_encode():
     f = fix()
-    case = f.case("vae_encode")
-    x = f.t("vae_encode.input.image_u8").float().div(255)
+    name = _encode_case()
+    case = f.case(name)
+    x = f.t(f"{name}.input.image_u8").float().div(255)
     x = x.add(x).add_(-1)  # the fixture's input_preprocessing
     with torch.no_grad():
         enc = build_vae().encode(x, case["scale_schedule"])
-    assert _max_diff(enc.h, f.t("vae_encode.output.raw_features")) <= FEAT_TOL
-    assert _max_diff(enc.z, f.t("vae_encode.output.z")) <= FEAT_TOL
+    out = f"{name}.output"
+    assert _max_diff(enc.h, f.t(f"{out}.raw_features")) <= FEAT_TOL
+    assert _max_diff(enc.z, f.t(f"{out}.z")) <= FEAT_TOL
     bits = torch.cat(enc.bits, 1)
     assert bits.dtype == torch.int32
-    assert torch.equal(bits.long(), f.t("vae_encode.output.bit_indices"))
+    assert torch.equal(bits.long(), f.t(f"{out}.bit_indices"))
     B, d = enc.h.shape[:2]
     var_input = torch.cat([v.reshape(B, d, -1).permute(0, 2, 1) for v in enc.var_input], 1)
-    assert _max_diff(var_input, f.t("vae_encode.output.var_input")) <= FEAT_TOL
+    assert _max_diff(var_input, f.t(f"{out}.var_input")) <= FEAT_TOL
 
 
 def test_vae_decode():
     f = fix()
-    case = f.case("vae_decode")
+    name = the_case("image")  # README: vae_decode (decode_from_indices: summed codes and the float image)
+    case = f.case(name)
     sizes = schedule_sizes(case["scale_schedule"])
-    bits = _split_bits(f.t("vae_decode.input.bit_indices"), sizes)
+    bits = _split_bits(f.t(f"{name}.input.bit_indices"), sizes)
     with torch.no_grad():
         summed, img = build_vae().decode_from_bits(bits, case["scale_schedule"])
-    assert _max_diff(summed, f.t("vae_decode.output.summed_codes")) <= FEAT_TOL
-    assert _max_diff(img, f.t("vae_decode.output.image")) <= IMG_TOL
-    # the fixture's own check: decoding the encoder's labels rebuilds the encoder's z exactly
-    assert torch.equal(f.t("vae_decode.output.summed_codes").squeeze(2), f.t("vae_encode.output.z"))
+    assert _max_diff(summed, f.t(f"{name}.output.summed_codes")) <= FEAT_TOL
+    assert _max_diff(img, f.t(f"{name}.output.image")) <= IMG_TOL
+    # the fixture's own check (cases.json "check"): decoding the encoder's labels rebuilds the encoder's z exactly
+    if torch.equal(f.t(f"{name}.input.bit_indices"), f.t(f"{_encode_case()}.output.bit_indices")):
+        assert torch.equal(f.t(f"{name}.output.summed_codes").squeeze(2), f.t(f"{_encode_case()}.output.z"))
 
 
 def _inference_cases_with_summed_codes() -> list[str]:
     f = fix()
-    return sorted(
-        name for name in f.cases
-        if not name.startswith("_") and f"{name}.output.summed_codes" in f.tensors and f"{name}.output.idx_packed" in f.tensors
-    )
+    return nonempty(sorted(
+        name for name in f.case_names()
+        if f"{name}.output.summed_codes" in f.tensors and f"{name}.output.idx_packed" in f.tensors
+    ), "inference case storing summed_codes")
+
+
+def _decoded_image_cases(pattern: str) -> list[str]:
+    """Inference cases storing their summed codes and a uint8 image named like ``pattern``."""
+    f = fix()
+    return nonempty([n for n in _inference_cases_with_summed_codes() if f.matching(n, pattern)], f"{pattern} image")
 
 
 @pytest.mark.parametrize("name", _inference_cases_with_summed_codes())
@@ -123,18 +153,19 @@ def test_inference_summed_codes(name):
     assert _max_diff(summed.squeeze(2), f.t(f"{name}.output.summed_codes")) <= FEAT_TOL
 
 
-def test_decode_inference_image_256():
-    """The official image of a 256² generation is the VAE decode of its summed codes."""
+@pytest.mark.parametrize("name", _decoded_image_cases("image_bgr_u8"))
+def test_decode_inference_image_full(name):
+    """The official image of a generation (stored at full resolution) is the VAE decode of its summed codes."""
     f = fix()
     with torch.no_grad():
-        img = build_vae().decode(f.t("infer_greedy_256.output.summed_codes"))
-    _assert_u8_close(_u8_bgr(img), f.t("infer_greedy_256.output.image_bgr_u8"))
+        img = build_vae().decode(f.t(f"{name}.output.summed_codes"))
+    _assert_u8_close(_u8_bgr(img), f.t(f"{name}.output.image_bgr_u8"))
 
 
 def test_loader_reads_official_file_layout(tmp_path):
     """A .pth with top-level 'vae', plain Conv2d/GroupNorm names and one mask key loads to the same model."""
     f = fix()
-    sd = f.weights_with_prefix("vae.")
+    sd = f.weights_with_prefix(_vae_prefix())
     plain = {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
              .replace(".norm.weight", ".weight").replace(".norm.bias", ".bias"): v
              for k, v in sd.items() if k != "quantize.lfq.mask"}
@@ -148,10 +179,13 @@ def test_loader_reads_official_file_layout(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in _inference_cases_with_summed_codes() if not n.endswith("_256")])
-def test_decode_inference_image_1m(name):
-    """Same at 1024² (~20 s per image on 2 CPU cores, hence slow): the stored stride-8 subsample."""
+@pytest.mark.parametrize("name", _decoded_image_cases(r"image_bgr_u8_stride\d+"))
+def test_decode_inference_image_strided(name):
+    """Same for the large images stored only as a strided subsample (``image_bgr_u8_stride<s>`` =
+    ``img[:, ::s, ::s]``; ~20 s per 1024² image on 2 CPU cores, hence slow)."""
     f = fix()
+    (m,) = f.matching(name, r"image_bgr_u8_stride(\d+)")
+    step = int(m.group(1))
     with torch.no_grad():
         img = build_vae().decode(f.t(f"{name}.output.summed_codes"))
-    _assert_u8_close(_u8_bgr(img)[:, ::8, ::8], f.t(f"{name}.output.image_bgr_u8_stride8"))
+    _assert_u8_close(_u8_bgr(img)[:, ::step, ::step], f.t(f"{name}.output.{m.group(0)}"))
