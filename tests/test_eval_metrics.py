@@ -146,7 +146,7 @@ def test_fidelity_psnr_ssim_lpips_against_the_baseline(tmp_path):
     res = M.fidelity(pairs, ("psnr", "ssim", "lpips"), TinyLPIPS())
     assert res["num_images"] == 4 and res["psnr_identical"] == 3
     x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
-    y = torch.from_numpy(np.asarray(Image.open(tmp_path / "base" / "00001" / "samples" / "0000.png"))).permute(2, 0, 1)[None]
+    y = torch.from_numpy(np.array(Image.open(tmp_path / "base" / "00001" / "samples" / "0000.png"))).permute(2, 0, 1)[None]
     assert res["psnr"] == pytest.approx(float(peak_signal_noise_ratio(x, y.float() / 255, data_range=1.0)), rel=1e-5)
     assert 0.0 < res["ssim"] < 1.0 and res["lpips"] > 0.0
     only_same = M.fidelity(pairs[:1], ("psnr", "ssim"))
