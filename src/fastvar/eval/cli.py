@@ -449,7 +449,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     fi.set_defaults(func=_one_line_imports(cmd_fidelity))
 
     r = sub.add_parser("report", help="one table comparing runs: every metric, delta vs baseline, speedup; plot")
-    r.add_argument("--runs", nargs="+", required=True, help="NAME=DIR generation folders (first = baseline by default)")
+    r.add_argument("--runs", nargs="+", required=True,
+                   help="NAME=DIR[,DIR2] generation folders of one run each, e.g. its GenEval and MJHQ folders "
+                        "(first = baseline by default)")
     r.add_argument("--baseline", default=None)
     r.add_argument("--markdown", default=None, help="write the table as markdown")
     r.add_argument("--json", default=None)

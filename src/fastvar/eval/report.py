@@ -43,25 +43,39 @@ def _finite(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def load_run(name: str, folder: str | Path) -> dict[str, Any]:
-    """One run's manifest, timing and scores (metrics it was not scored on are absent)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise MissingInputError(f"--runs {name}={folder}: no such folder; pass a `fastvar eval generate` output folder")
-    manifest = {}
-    if (folder / MANIFEST).is_file():
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    times = [float(r["seconds"]) for r in read_timings(folder) if "seconds" in r]
+def load_run(name: str, folders: str | Path | list[str | Path]) -> dict[str, Any]:
+    """One run's manifest, timing and scores (metrics it was not scored on are absent).
+
+    ``folders``: one generation folder, or several of the same model and plan (e.g. its GenEval and its MJHQ
+    generations, given as ``DIR1,DIR2``): their scores are merged (the first folder holding a metric wins)
+    and their per-image times pooled, so one row carries GenEval, FID and CLIP score like the papers' tables.
+    """
+    if isinstance(folders, (str, Path)):
+        folders = [f for f in str(folders).split(",") if f]
+    paths = [Path(f).expanduser() for f in folders]
+    for folder in paths:
+        if not folder.is_dir():
+            raise MissingInputError(f"--runs {name}={folder}: no such folder; pass a `fastvar eval generate` output folder")
+    manifest: dict[str, Any] = {}
+    times: list[float] = []
     values: dict[str, float | None] = {}
-    for file, key, col, _ in METRICS:
-        p = scores_path(folder, file)
-        if p.is_file():
-            data = json.loads(p.read_text(encoding="utf-8"))
-            if key in data:
-                values[col] = _finite(data[key])
+    for folder in paths:
+        if (folder / MANIFEST).is_file():
+            m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            if manifest and (m.get("model"), m.get("plan")) != (manifest.get("model"), manifest.get("plan")):
+                raise UsageError(f"--runs {name}: {folder} was made by another model or plan than {paths[0]}; "
+                                 "one run's folders must share both")
+            manifest = manifest or m
+        times += [float(r["seconds"]) for r in read_timings(folder) if "seconds" in r]
+        for file, key, col, _ in METRICS:
+            p = scores_path(folder, file)
+            if col not in values and p.is_file():
+                data = json.loads(p.read_text(encoding="utf-8"))
+                if key in data:
+                    values[col] = _finite(data[key])
     plan = manifest.get("plan")
     plan_name = plan.get("name", "custom") if isinstance(plan, dict) else (plan or "none")
-    return {"name": name, "folder": str(folder), "model": manifest.get("model"), "plan": plan_name,
+    return {"name": name, "folder": ",".join(map(str, paths)), "model": manifest.get("model"), "plan": plan_name,
             "images": len(times), "sec_per_image": statistics.median(times) if times else None, "metrics": values}
 
 
