@@ -1,0 +1,62 @@
+"""The `eval-gpu` libraries through fastvar's own loaders, where they are installed (they require torchvision,
+so the CPU development setup skips these): torch-fidelity's Inception-v3 architecture with random weights
+through `load_inception` and the FID path, and LPIPS's AlexNet (random backbone, the wheel's linear heads)
+through `fidelity`; offline, their missing weight files fail at once with the file name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvar.errors import MissingInputError
+from fastvar.eval import metrics as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _images(folder, n: int, seed: int, size: int = 48) -> list[M.ImageRecord]:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = folder / f"{i:05d}" / "samples"
+        d.mkdir(parents=True)
+        (d.parent / "metadata.jsonl").write_text(json.dumps({"prompt": f"p{i}"}) + "\n")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / "0000.png")
+    return M.collect_images(folder)
+
+
+def test_fid_with_torch_fidelity_inception(tmp_path, monkeypatch):
+    tf = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    with monkeypatch.context() as m:  # the real architecture with random weights: skip the download once
+        m.setattr(tf, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        net = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / M.INCEPTION_FILE
+    torch.save(net.state_dict(), weights)
+    inception = M.load_inception(str(weights))
+    gen, ref = _images(tmp_path / "gen", 4, 1), _images(tmp_path / "ref", 4, 2)
+    assert M.extract_features(gen, inception).shape == (4, 2048)
+    assert M.fid_score(gen, ref, feature=inception)["fid"] > 0
+    assert M.fid_score(gen, gen, feature=inception)["fid"] == pytest.approx(0.0, abs=1e-2)
+    monkeypatch.setenv("FASTVAR_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(MissingInputError, match=M.INCEPTION_FILE.replace(".", r"\.")):
+        M.load_inception()
+
+
+def test_fidelity_with_lpips_alexnet(tmp_path, monkeypatch):
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()  # random backbone: no download
+    base, plan = _images(tmp_path / "base", 2, 3), _images(tmp_path / "plan", 2, 4)
+    res = M.fidelity(M.match_pairs(plan, base), ("psnr", "ssim", "lpips"), net)
+    assert res["lpips"] > 0 and np.isfinite(res["psnr"])
+    assert M.fidelity(M.match_pairs(base, base), ("lpips",), net)["lpips"] == pytest.approx(0.0, abs=1e-6)
+    monkeypatch.setenv("FASTVAR_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(MissingInputError, match=r"alexnet-owt-7be5be79\.pth"):
+        M.load_lpips("alex")
