@@ -42,6 +42,14 @@ def test_fid_with_torch_fidelity_inception(tmp_path, monkeypatch):
     assert M.extract_features(gen, inception).shape == (4, 2048)
     assert M.fid_score(gen, ref, feature=inception)["fid"] > 0
     assert M.fid_score(gen, gen, feature=inception)["fid"] == pytest.approx(0.0, abs=1e-2)
+    from fastvar.cli import main  # the command line end to end: folder reference, then its saved statistics
+
+    common = ["--images", str(tmp_path / "gen"), "--inception-weights", str(weights), "--device", "cpu", "--quiet"]
+    stats = tmp_path / "ref.npz"
+    assert main(["eval", "fid", *common, "--ref", str(tmp_path / "ref"), "--save-ref-stats", str(stats)]) == 0
+    first = json.loads((tmp_path / "gen" / "scores" / "fid.json").read_text())["fid"]
+    assert main(["eval", "fid", *common, "--ref", str(stats)]) == 0
+    assert json.loads((tmp_path / "gen" / "scores" / "fid.json").read_text())["fid"] == pytest.approx(first, rel=1e-9)
     monkeypatch.setenv("FASTVAR_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(MissingInputError, match=M.INCEPTION_FILE.replace(".", r"\.")):

@@ -210,3 +210,28 @@ def test_atomic_output_keeps_the_old_file_when_a_write_dies(tmp_path):
             f.write(b"half a file")
             raise KeyboardInterrupt
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["stats.npz"]
+
+
+def test_cli_clipscore_with_a_local_model_and_missing_libraries_in_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from fastvar.cli import main
+
+    model, proc = tiny_clip_pair()
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+    _write_generation(tmp_path / "gen", ["a red fox", "a city"], 2, seed=8, categories=["animals", "places"])
+    assert main(["eval", "clipscore", "--images", str(tmp_path / "gen"), "--clip-model", str(tmp_path / "clip"),
+                 "--device", "cpu", "--quiet", "--json", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "gen" / "scores" / "clipscore.json").read_text())
+    assert out["num_images"] == 4 and set(out["categories"]) == {"animals", "places"}
+    assert json.loads((tmp_path / "c.json").read_text())["clipscore"] == out["clipscore"]
+    assert "animals" in capsys.readouterr().out
+    for mod in ("torch_fidelity", "lpips", "hpsv2", "hpsv2.img_score", "ImageReward"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    gen = str(tmp_path / "gen")
+    for argv, package in ((["fid", "--ref", gen], "torch-fidelity"), (["fidelity", "--ref", gen], "lpips"),
+                          (["hps"], "hpsv2"), (["imagereward"], "image-reward")):
+        assert main(["eval", *argv, "--images", gen, "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"pip install {package}" in err and len(err.splitlines()) == 1, err
