@@ -93,7 +93,7 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
     real_save = Image.Image.save
 
     def dying_save(self, fp, *a, **k):
-        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\nhalf")
+        fp.write(b"\x89PNG\r\n\x1a\nhalf")
         raise KeyboardInterrupt  # the process is interrupted mid-write
 
     monkeypatch.setattr(Image.Image, "save", dying_save)
@@ -102,6 +102,9 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
     assert list((tmp_path / "00000" / "samples").iterdir()) == []
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert run_job(job)["generated"] == 1 and is_complete_png(sample_path(tmp_path, 0, 0))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sample_path(tmp_path, 0, 0).stat().st_mode & 0o777 == 0o666 & ~umask  # readable by other tools, as open()
 
 
 # ---------------------------------------------------------------------------------------------- embedded model

@@ -179,9 +179,11 @@ class GenerationJob:
 
 def run_job(job: GenerationJob) -> dict[str, Any]:
     """Generate this rank's missing images; returns counts and seconds. Existing complete PNGs are skipped."""
+    from PIL import Image
     from tqdm import tqdm
 
-    from ..pipelines.common import atomic_save_png, to_uint8
+    from ..checkpoints import atomic_output
+    from ..pipelines.common import to_uint8
 
     units = job.my_units()
     todo = [(p, s) for p, s in units if not is_complete_png(sample_path(job.out, p, s))]
@@ -199,7 +201,8 @@ def run_job(job: GenerationJob) -> dict[str, Any]:
                 seed = image_seed(job.seed, p, s)
                 t0 = time.perf_counter()
                 img, model_secs = job.generate_one(item, seed)
-                atomic_save_png(to_uint8(img[None] if img.dim() == 3 else img)[0], sample_path(job.out, p, s))
+                with atomic_output(sample_path(job.out, p, s)) as f:
+                    Image.fromarray(to_uint8(img[None] if img.dim() == 3 else img)[0]).save(f, format="PNG")
                 wall = time.perf_counter() - t0
                 # a log line is written after its image: a killed run can lose a line, never claim a missing image
                 log.write(json.dumps({"prompt": p, "sample": s, "seed": seed, "seconds": model_secs, "wall": wall,
