@@ -32,10 +32,15 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    from ..pipelines.common import atomic_write_text
+def _write_text(text: str, path: Path) -> None:
+    from ..checkpoints import atomic_output
 
-    atomic_write_text(json.dumps(_clean(obj), indent=2, default=str) + "\n", Path(path))
+    with atomic_output(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    _write_text(json.dumps(_clean(obj), indent=2, default=str) + "\n", Path(path))
 
 
 def _record(args, metric: str, result: dict[str, Any]) -> None:
@@ -217,9 +222,7 @@ def cmd_geneval(args) -> int:
     summary = summarize(results)
     print(format_summary(summary))
     if args.results:
-        from ..pipelines.common import atomic_write_text
-
-        atomic_write_text("".join(json.dumps(r.__dict__) + "\n" for r in results), Path(args.results))
+        _write_text("".join(json.dumps(r.__dict__) + "\n" for r in results), Path(args.results))
     _record(args, "geneval", {**summary, "detector": detector_name, "rules": rules.__dict__})
     return 0
 
@@ -349,9 +352,7 @@ def cmd_report(args) -> int:
     md = to_markdown(report)
     print(md)
     if args.markdown:
-        from ..pipelines.common import atomic_write_text
-
-        atomic_write_text(md + "\n", Path(args.markdown))
+        _write_text(md + "\n", Path(args.markdown))
     if args.json:
         _write_json(report, Path(args.json))
     if args.plot:

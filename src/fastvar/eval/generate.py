@@ -98,9 +98,10 @@ def clean_stale_temp(out: Path) -> int:
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    from ..pipelines.common import atomic_write_text
+    from ..checkpoints import atomic_output
 
-    atomic_write_text(text, path)
+    with atomic_output(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def write_metadata(out: Path, items: Sequence[PromptItem]) -> None:
