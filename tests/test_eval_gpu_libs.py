@@ -1,7 +1,8 @@
-"""The `eval-gpu` libraries through fastvar's own loaders, where they are installed (they require torchvision,
-so the CPU development setup skips these): torch-fidelity's Inception-v3 architecture with random weights
-through `load_inception` and the FID path, and LPIPS's AlexNet (random backbone, the wheel's linear heads)
-through `fidelity`; offline, their missing weight files fail at once with the file name."""
+"""The `eval-gpu` libraries through fastvar's own loaders. They require torchvision, so they carry the
+`eval_gpu` marker, outside the fast suite: run `pytest -m eval_gpu` after `pip install -e '.[eval-gpu]'`
+(without the libraries these tests fail, they do not skip). torch-fidelity's Inception-v3 architecture with
+random weights through `load_inception` and the FID path, and LPIPS's AlexNet (random backbone, the wheel's
+linear heads) through `fidelity`; offline, their missing weight files fail at once with the file name."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import Image
 from fastvar.errors import MissingInputError
 from fastvar.eval import metrics as M
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.eval_gpu]
 
 
 def _images(folder, n: int, seed: int, size: int = 48) -> list[M.ImageRecord]:
@@ -29,7 +30,7 @@ def _images(folder, n: int, seed: int, size: int = 48) -> list[M.ImageRecord]:
 
 
 def test_fid_with_torch_fidelity_inception(tmp_path, monkeypatch):
-    tf = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    import torch_fidelity.feature_extractor_inceptionv3 as tf
     with monkeypatch.context() as m:  # the real architecture with random weights: skip the download once
         m.setattr(tf, "load_state_dict_from_url", lambda *a, **k: None)
         m.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
@@ -57,7 +58,7 @@ def test_fid_with_torch_fidelity_inception(tmp_path, monkeypatch):
 
 
 def test_fidelity_with_lpips_alexnet(tmp_path, monkeypatch):
-    lpips = pytest.importorskip("lpips")
+    import lpips
     torch.manual_seed(0)
     net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()  # random backbone: no download
     base, plan = _images(tmp_path / "base", 2, 3), _images(tmp_path / "plan", 2, 4)
