@@ -286,7 +286,7 @@ class _Recorder(Hooks):
         self.calls: list[tuple] = []
         self.skip = skip
 
-    def begin(self, sizes, batch):
+    def begin(self, sizes, batch, device=None):
         self.calls.append(("begin", tuple(sizes), batch))
 
     def skip_scale(self, si):

@@ -14,8 +14,9 @@ tokens are not hidden by a large well-predicted background. Each record also nam
 came from, so a file recorded under other cache stages is never applied to the wrong source.
 
 A reused attention branch does not run, so that stage's keys/values never enter the KV cache (the same
-contract as a pruned token). :class:`CachingHooks` subclasses :class:`PlanHooks`: one plan can prune
-and cache; a reused (layer, branch) skips pruning, the others are pruned as the plan says.
+contract as a pruned token). :class:`CachePolicy` composes with the pruning and skipping policies on
+one :class:`~fastvar.accel.engine.Engine`: a reused (layer, branch) skips pruning, the others are pruned
+as the plan says.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..schedules import Schedule
+from .engine import Policy
 from .hooks import IDENTITY, BranchFn, Hooks
 from .plan import BRANCHES, AccelPlan, CacheConfig, PlanError
-from .pruning import PlanHooks, resize_tokens
+from .pruning import PlanHooks, PrunePolicy, resize_tokens
 
 SIM_FORMAT = "fastvar-cache-similarity/1"
 SIM_DEFINITION = "mean over tokens and batch of the per-token cosine similarity (channels) of fresh vs reused output"
@@ -187,20 +189,20 @@ class _Slot:
         return self.tensor.numel() * self.tensor.element_size()
 
 
-class CachingHooks(PlanHooks):
-    """Pruning (the plan's keep/skip) plus feature caching (``plan.cache``) in one hooks object.
+class CachePolicy(Policy):
+    """Feature caching (``plan.cache``) as a policy: store branch outputs at cache stages, reuse them at
+    skip stages where calibration measured them similar enough (or, in calibration, measure).
 
     ``similarity``: data to decide from (inference) or to accumulate into (calibration); by default
     inference loads ``cfg.sim_path`` and calibration starts empty. Calibration statistics accumulate
     over every generation run through this object and, when ``sim_path`` is set, the file is rewritten
-    at the end of each generation with everything pooled so far.
+    at the end of each generation with everything pooled so far. It runs outside pruning (order 10 <
+    20): a reused (layer, branch) is not pruned, the others are pruned as the plan says.
     """
 
-    def __init__(self, plan: AccelPlan, depth: int, record: bool = False, timing: bool = True,
-                 similarity: SimilarityData | None = None) -> None:
-        if plan.cache is None:
-            raise PlanError("CachingHooks needs a plan with a cache config (plan.cache)")
-        cfg = plan.cache
+    order = 10
+
+    def __init__(self, cfg: CacheConfig, depth: int, similarity: SimilarityData | None = None) -> None:
         if similarity is None:
             if cfg.calibration:
                 similarity = SimilarityData()
@@ -213,20 +215,17 @@ class CachingHooks(PlanHooks):
                 )
             else:
                 similarity = SimilarityData()
+        self.config = cfg
+        self.depth = depth
         self.similarity = similarity
         self.hits = {b: [0] * depth for b in BRANCHES}
         self.lookups = {b: [0] * depth for b in BRANCHES}
         self.generations = 0
         self.peak_bytes = 0
         self.pruning_peak_bytes = 0
-        super().__init__(plan, depth, record=record, timing=timing)
-
-    @property
-    def config(self) -> CacheConfig:
-        return self.plan.cache
+        self._reset()
 
     def _reset(self) -> None:
-        super()._reset()
         self.slots: dict[tuple[int, str], _Slot] = {}
         self.slot_bytes = 0
         self.decisions: dict[tuple[int, int, str], bool] = {}
@@ -239,12 +238,13 @@ class CachingHooks(PlanHooks):
         self.tokens: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ hooks
-    def begin(self, sizes: Sequence[tuple[int, int]], batch: int) -> None:
-        super().begin(sizes, batch)
-        sched = Schedule(self.sizes)
+    def begin(self, engine) -> None:
+        super().begin(engine)
+        self._reset()
+        sched = Schedule(engine.sizes)
         self.tokens = sched.token_counts
         cache, skip = self.config.resolve_stages(sched)
-        computed = [c for c in cache if c not in self.resolved.skip]
+        computed = [c for c in cache if c not in engine.planned_skip]
         for si in skip:
             src = [c for c in computed if c < si]
             if not src:
@@ -255,67 +255,62 @@ class CachingHooks(PlanHooks):
         self.store_si = frozenset(c for c in computed if any(s > c for s in skip))
         self.thresholds = stage_thresholds(
             self.config, self.similarity, {self.tokens[s]: self.tokens[self.source_si[s]] for s in skip})
-        self.similarity.meta.setdefault("sizes", [list(s) for s in self.sizes])
+        self.similarity.meta.setdefault("sizes", [list(s) for s in engine.sizes])
         self.similarity.meta.update(depth=self.depth, interpolation_mode=self.config.interpolation_mode)
 
-    def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
-        si = self.si
-        self._device = x.device
+    def branch(self, layer: int, name: str, x: Tensor, idx: Tensor | None, inner: BranchFn) -> Tensor:
+        si = self.engine.si
         enabled = branch_enabled(self.config, name)
         slot = self.slots.get((layer, name)) if enabled and si in self.source_si else None
         if slot is None:
-            out = super().branch(layer, name, x, fn)
+            out = inner(x, idx)
         elif self.config.calibration:
-            out = super().branch(layer, name, x, fn)
+            out = inner(x, idx)
             sim = cosine_similarity(out, self._resized(slot))
             self.similarity.add(layer, self.tokens[si], name, slot.stage, sim)
             self.run_similarity[(si, layer, name)] = sim
             self.lookups[name][layer] += 1
         else:
             self.lookups[name][layer] += 1
-            out = self._maybe_reuse(layer, name, x, fn, slot)
+            out = self._maybe_reuse(layer, name, x, idx, inner, slot)
         if enabled and si in self.store_si:
             self._put(layer, name, out)
         return out
 
-    def _maybe_reuse(self, layer: int, name: str, x: Tensor, fn: BranchFn, slot: _Slot) -> Tensor:
-        si = self.si
+    def _maybe_reuse(self, layer: int, name: str, x: Tensor, idx: Tensor | None, inner: BranchFn,
+                     slot: _Slot) -> Tensor:
+        si = self.engine.si
         sim = self.similarity.lookup(layer, self.tokens[si], name, slot.stage)
         reuse = sim is not None and self.config.threshold < 1.0 and sim >= self.thresholds[self.tokens[si]]
         self.decisions[(si, layer, name)] = reuse
         if not reuse:
-            return super().branch(layer, name, x, fn)
+            return inner(x, idx)
         self.hits[name][layer] += 1
-        out = self._resized(slot)
-        self.counts[(si, layer, name)] = (x.shape[1], 0)
-        r = self.resolved
-        if self.caching and layer in r.layers and name in r.branches:
-            self.cache[(layer, name)] = out  # the pruning cache scale reused: restore later scales from it
-        return out
+        return self._resized(slot)
 
     def _resized(self, slot: _Slot) -> Tensor:
-        if slot.hw == self.hw:
+        hw = self.engine.hw
+        if slot.hw == hw:
             return slot.tensor.clone()  # never hand out the slot itself: a backbone may modify outputs in place
         t = slot.tensor
         work = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-        return resize_tokens(work.contiguous(), slot.hw, self.hw, self.config.interpolation_mode).to(t.dtype)
+        return resize_tokens(work.contiguous(), slot.hw, hw, self.config.interpolation_mode).to(t.dtype)
 
     def _put(self, layer: int, name: str, out: Tensor) -> None:
         old = self.slots.get((layer, name))
         self.slot_bytes -= old.nbytes if old is not None else 0
-        slot = _Slot(out, self.hw, self.tokens[self.si])
+        slot = _Slot(out, self.engine.hw, self.tokens[self.engine.si])
         self.slots[(layer, name)] = slot
         self.slot_bytes += slot.nbytes
         self.peak_bytes = max(self.peak_bytes, self.slot_bytes)
 
     def end_scale(self, si: int) -> None:
-        super().end_scale(si)
-        if self.caching:
-            held = sum(t.numel() * t.element_size() for t in self.cache.values())
+        prune = self.engine.policy(PrunePolicy)
+        if prune is not None and prune.caching:
+            held = sum(t.numel() * t.element_size() for t in prune.cache.values())
             self.pruning_peak_bytes = max(self.pruning_peak_bytes, held)
 
     def end(self) -> None:
-        super().end()
         self.slots, self.slot_bytes = {}, 0
         self.generations += 1
         if self.config.calibration and self.config.sim_path:
@@ -346,6 +341,24 @@ class CachingHooks(PlanHooks):
                 "slots": len(self.slots),
             },
         }
+
+
+class CachingHooks(PlanHooks):
+    """Pruning and skipping (the plan's keep/skip) plus feature caching (``plan.cache``) in one engine.
+
+    Kept for backwards compatibility: it is ``Engine([SkipPolicy, CachePolicy, PrunePolicy])``; the cache
+    policy's state (``similarity``, ``decisions``, ``hits``, ``statistics()``) reads through.
+    """
+
+    def __init__(self, plan: AccelPlan, depth: int, record: bool = False, timing: bool = True,
+                 similarity: SimilarityData | None = None) -> None:
+        if plan.cache is None:
+            raise PlanError("CachingHooks needs a plan with a cache config (plan.cache)")
+        super().__init__(plan, depth, record=record, timing=timing,
+                         extra=[CachePolicy(plan.cache, depth, similarity)])
+
+    def statistics(self) -> dict:
+        return self.policy(CachePolicy).statistics()
 
 
 # ---------------------------------------------------------------------------------------------- model API

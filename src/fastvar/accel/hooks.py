@@ -12,17 +12,20 @@ block uses to gather per-position tables (RoPE). ``fn`` must append keys/values 
 was given (pruned tokens never enter the KV cache).
 
 The identity hooks make every call a pass-through, so a model with no plan computes exactly what the
-official code computes, bit for bit. Policies (pruning, feature caching) subclass :class:`Hooks`;
-backbones never know which one is active.
+official code computes, bit for bit. Accelerations are policies composed by
+:class:`fastvar.accel.engine.Engine` (a :class:`Hooks`); backbones never know which one is active.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 BranchFn = Callable[[Tensor, "Tensor | None"], Tensor]
+GuidanceFn = Callable[[Tensor, Tensor, float], Tensor]
+"""``combine(cond, uncond, t)``: a backbone's official classifier-free guidance arithmetic, op for op."""
 
 
 class Hooks:
@@ -30,8 +33,9 @@ class Hooks:
 
     active: bool = False
 
-    def begin(self, sizes: Sequence[tuple[int, int]], batch: int) -> None:
-        """Called once at the start of a generation with the scale sizes and the (CFG-doubled) batch."""
+    def begin(self, sizes: Sequence[tuple[int, int]], batch: int, device: torch.device | None = None) -> None:
+        """Called once at the start of a generation with the scale sizes, the (CFG-doubled) batch and the
+        device (so a recorder can time with CUDA events instead of synchronising)."""
 
     def skip_scale(self, si: int) -> bool:
         """True if scale ``si`` must not be forwarded at all (no blocks, no sampling, no RNG draw)."""
@@ -50,6 +54,15 @@ class Hooks:
 
     def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
         return fn(x, None)
+
+    def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, combine: GuidanceFn) -> Tensor:
+        """Where scale ``si`` combines its conditional and unconditional logits.
+
+        ``t`` is the backbone's guidance weight at this scale and ``combine`` its official arithmetic
+        (the backbone keeps its own op order, so the identity is bit-exact); a policy may call
+        ``combine`` with another weight or other inputs.
+        """
+        return combine(cond, uncond, t)
 
     def end_scale(self, si: int) -> None:
         """Called after the blocks of scale ``si`` ran."""

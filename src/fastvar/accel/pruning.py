@@ -1,4 +1,4 @@
-"""Cached token pruning (FastVAR) and scale skipping, as an implementation of the engine's hooks.
+"""Cached token pruning (FastVAR) and scale skipping, as two policies of the engine.
 
 At a pruned (scale, layer, branch) the branch forwards only the "pivotal" tokens — those farthest from
 the scale's mean token, a cheap high-frequency proxy — and the other slots are filled with the same
@@ -7,7 +7,6 @@ branch's output cached at an earlier, fully computed scale, resized to the curre
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..schedules import Schedule
-from .hooks import BranchFn, Hooks
+from .engine import Engine, Policy
+from .hooks import BranchFn
 from .plan import AccelPlan, ResolvedPlan
 
 
@@ -44,106 +44,109 @@ def resize_tokens(y: Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int], m
     return out.permute(0, 2, 3, 1).reshape(B, dst_hw[0] * dst_hw[1], C)
 
 
-class PlanHooks(Hooks):
-    """Executes an :class:`AccelPlan` through the hook points; also records what was computed.
+def _resolve(plan: AccelPlan, engine) -> ResolvedPlan:
+    return plan.resolve(Schedule(engine.sizes), engine.depth)
 
-    Records per (scale, layer, branch) the tokens entering and the tokens computed (for statistics),
-    wall time per scale, and, with ``record=True``, the kept indices themselves.
+
+class SkipPolicy(Policy):
+    """Scale skipping: the plan's skipped scales (``skip`` and keep ratio 0) are not forwarded at all."""
+
+    order = 0
+
+    def __init__(self, plan: AccelPlan) -> None:
+        self.plan = plan
+        self._skip: frozenset[int] = frozenset()
+
+    def begin(self, engine) -> None:
+        super().begin(engine)
+        self._skip = _resolve(self.plan, engine).skip
+
+    def planned_skip(self) -> frozenset[int]:
+        return self._skip
+
+    def kv_tokens(self, si: int, layer: int, n: int) -> int:
+        return 0 if si in self._skip else n
+
+
+class PrunePolicy(Policy):
+    """Cached token pruning (FastVAR): at a pruned (scale, layer, branch) forward the pivotal tokens only
+    and fill the other slots from the branch output at the plan's cache scale, resized.
+
+    ``record=True`` keeps the kept indices per (scale, layer, branch) in :attr:`kept`.
     """
 
-    active = True
+    order = 20
 
-    def __init__(self, plan: AccelPlan, depth: int, record: bool = False, timing: bool = True) -> None:
-        self.plan, self.depth, self.record, self.timing = plan, depth, record, timing
+    def __init__(self, plan: AccelPlan, record: bool = False) -> None:
+        self.plan, self.record = plan, record
         self.resolved: ResolvedPlan | None = None
-        self._reset()
-
-    def _reset(self) -> None:
         self.cache: dict[tuple[int, str], Tensor] = {}
         self.cache_hw: tuple[int, int] | None = None
-        self.counts: dict[tuple[int, int, str], tuple[int, int]] = {}
         self.kept: dict[tuple[int, int, str], Tensor] = {}
-        self.scale_seconds: dict[int, float] = {}
-        self.skipped: list[int] = []
-        self.sizes: tuple[tuple[int, int], ...] = ()
-        self.batch = 0
-        self._t0 = 0.0
+        self.pruning = self.caching = False
 
-    # ------------------------------------------------------------------ hooks
-    def begin(self, sizes: Sequence[tuple[int, int]], batch: int) -> None:
-        self._reset()
-        self.sizes = tuple(tuple(s) for s in sizes)
-        self.batch = batch
-        self.resolved = self.plan.resolve(Schedule(self.sizes), self.depth)
+    def begin(self, engine) -> None:
+        super().begin(engine)
+        self.resolved = _resolve(self.plan, engine)
+        self.cache, self.cache_hw, self.kept = {}, None, {}
 
-    def skip_scale(self, si: int) -> bool:
-        skip = si in self.resolved.skip
-        if skip:
-            self.skipped.append(si)
-        return skip
-
-    def kv_tokens(self, sizes: Sequence[tuple[int, int]], layer: int) -> int:
-        r = self.resolved
-        if r is None:
-            return super().kv_tokens(sizes, layer)
-        total = 0
-        for si, (h, w) in enumerate(sizes):
-            if si not in r.skip:
-                total += r.n_keep(si, h * w) if r.prunes(si, layer, "attn") else h * w
-        return total
+    def kv_tokens(self, si: int, layer: int, n: int) -> int:
+        return self.resolved.n_keep(si, n) if n and self.resolved.prunes(si, layer, "attn") else n
 
     def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
-        self.si, self.hw = si, tuple(hw)
         r = self.resolved
         self.pruning = si in r.keep
         self.caching = r.cache_si == si
         if self.caching:
-            self.cache_hw = self.hw
-        if self.timing:
-            self._t0 = time.perf_counter()
+            self.cache_hw = hw
 
-    def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
+    def branch(self, layer: int, name: str, x: Tensor, idx: Tensor | None, inner: BranchFn) -> Tensor:
         r = self.resolved
-        L = x.shape[1]
-        self._device = x.device
-        if self.pruning and layer in r.layers and name in r.branches and (layer, name) in self.cache:
-            n_keep = r.n_keep(self.si, L)
-            idx = pivotal_indices(x, self.hw, n_keep)
-            B, C = x.shape[0], x.shape[-1]
-            # rows of the flattened (B·L, C) map: index_select / index_copy_ move the same values as
-            # gather / scatter_ along dim 1 with an expanded index, several times faster on CPU
-            rows = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * L).reshape(-1)
-            y = fn(x.reshape(B * L, C).index_select(0, rows).view(B, n_keep, C), idx)
-            base = resize_tokens(self.cache[(layer, name)], self.cache_hw, self.hw, r.interp).to(y.dtype)
-            out = base.reshape(B * L, C).index_copy_(0, rows, y.reshape(B * n_keep, C)).view(B, L, C)
-            self.counts[(self.si, layer, name)] = (L, n_keep)
-            if self.record:
-                self.kept[(self.si, layer, name)] = idx
-            return out
-        y = fn(x, None)
-        if self.caching and layer in r.layers and name in r.branches:
-            self.cache[(layer, name)] = y
-        self.counts[(self.si, layer, name)] = (L, L)
-        return y
+        if idx is not None or not (self.pruning and layer in r.layers and name in r.branches
+                                   and (layer, name) in self.cache):
+            return inner(x, idx)
+        si, hw = self.engine.si, self.engine.hw
+        B, L, C = x.shape
+        n_keep = r.n_keep(si, L)
+        idx = pivotal_indices(x, hw, n_keep)
+        # rows of the flattened (B·L, C) map: index_select / index_copy_ move the same values as
+        # gather / scatter_ along dim 1 with an expanded index, several times faster on CPU
+        rows = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * L).reshape(-1)
+        y = inner(x.reshape(B * L, C).index_select(0, rows).view(B, n_keep, C), idx)
+        base = resize_tokens(self.cache[(layer, name)], self.cache_hw, hw, r.interp).to(y.dtype)
+        out = base.reshape(B * L, C).index_copy_(0, rows, y.reshape(B * n_keep, C)).view(B, L, C)
+        if self.record:
+            self.kept[(si, layer, name)] = idx
+        return out
 
-    def end_scale(self, si: int) -> None:
-        if self.timing:
-            dev = getattr(self, "_device", None)
-            if dev is not None and dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            self.scale_seconds[si] = time.perf_counter() - self._t0
+    def branch_output(self, layer: int, name: str, out: Tensor) -> None:
+        # Whatever produced the cache scale's output (the block, or a feature-cache reuse) is what
+        # later pruned scales restore from.
+        r = self.resolved
+        if self.caching and layer in r.layers and name in r.branches:
+            self.cache[(layer, name)] = out
 
     def end(self) -> None:
         # Caches hold activations of the whole batch; free them as soon as the generation is over.
         self.cache = {}
 
-    # ------------------------------------------------------------------ reporting
-    def token_counts(self) -> dict[tuple[int, int, str], tuple[int, int]]:
-        return dict(self.counts)
-
     def per_scale_tokens(self) -> dict[int, dict[str, int]]:
         out: dict[int, dict[str, int]] = defaultdict(lambda: {"in": 0, "computed": 0})
-        for (si, _layer, _name), (n_in, n_comp) in self.counts.items():
+        for (si, _layer, _name), (n_in, n_comp) in self.engine.recorder.counts.items():
             out[si]["in"] += n_in
             out[si]["computed"] += n_comp
         return dict(out)
+
+
+def plan_policies(plan: AccelPlan, record: bool = False) -> list[Policy]:
+    """The skip and prune policies of a plan's ``keep`` / ``skip`` / ``layers`` fields."""
+    return [SkipPolicy(plan), PrunePolicy(plan, record=record)]
+
+
+class PlanHooks(Engine):
+    """An engine executing an :class:`AccelPlan`'s skipping and pruning (kept for backwards compatibility:
+    ``PlanHooks(plan, depth)`` is ``Engine(plan_policies(plan), depth)``)."""
+
+    def __init__(self, plan: AccelPlan, depth: int, record: bool = False, timing: bool = True,
+                 extra: Sequence[Policy] = ()) -> None:
+        super().__init__([*plan_policies(plan, record), *extra], depth=depth, plan=plan, timing=timing)

@@ -31,7 +31,7 @@ from ..layers.norm import RMSNorm
 from ..sampling import gumbel_softmax_smooth, make_generator, sample_top_k_top_p_
 from ..schedules import Schedule
 from .hart_diffusion import DiffLoss, TimestepEmbedder
-from .var import DropPath
+from .var import DropPath, var_guidance
 
 HART_PATCH_NUMS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 
@@ -466,7 +466,7 @@ class HART(nn.Module):
         f_hat = emb.weight.new_zeros(B, self.Cvae, P, P)
         hooks = self.hooks
 
-        hooks.begin(self.schedule.sizes, 2 * B)
+        hooks.begin(self.schedule.sizes, 2 * B, dev)
         self._set_kv_cache(True)
         try:
             for si, pn in enumerate(self.patch_nums):
@@ -491,7 +491,7 @@ class HART(nn.Module):
                 hooks.end_scale(si)
                 t = cfg * ratio
                 logits = self.get_logits(x, cond)
-                logits = (1 + t) * logits[:B] - t * logits[B:]
+                logits = hooks.guidance(si, logits[:B], logits[B:], t, var_guidance)
                 if si == 0:
                     logits = logits[:, [-1], :]
                 if trace is not None:

@@ -86,6 +86,11 @@ class InfinityOutput:
 # ----------------------------------------------------------------------------------------- the model
 
 
+def infinity_guidance(cond: Tensor, uncond: Tensor, c: float) -> Tensor:
+    """Infinity's CFG arithmetic, op for op as the official code: c·cond + (1 − c)·uncond."""
+    return c * cond + (1 - c) * uncond
+
+
 class Infinity(nn.Module):
     """The Infinity transformer. ``forward`` = teacher forcing; ``autoregressive_infer`` = generation."""
 
@@ -313,7 +318,7 @@ class Infinity(nn.Module):
         logits_out: list[Tensor | None] | None = [None] * n if return_logits else None
         executed: list[int] = []
         summed: Tensor | int = 0
-        hooks.begin(sizes, bs)
+        hooks.begin(sizes, bs, self.device)
         caches = [KVCache(hooks.kv_tokens(sizes, i)) for i in range(self.depth)]
         memo: dict = {}
         try:
@@ -345,7 +350,7 @@ class Infinity(nn.Module):
                 c = cfgs[si]
                 if c != 1 and on_logits:
                     logits = self.get_logits(x, sos).mul(1 / taus[si])
-                    logits = c * logits[:B] + (1 - c) * logits[B:]
+                    logits = hooks.guidance(si, logits[:B], logits[B:], c, infinity_guidance)
                 else:
                     logits = self.get_logits(x[:B], sos[:B]).mul(1 / taus[si])
                 logits = logits.reshape(B, -1, 2)

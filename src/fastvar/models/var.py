@@ -152,6 +152,11 @@ def block_causal_bias(patch_nums: Sequence[int]) -> tuple[Tensor, Tensor]:
     return lvl, bias.contiguous()
 
 
+def var_guidance(cond: Tensor, uncond: Tensor, t: float) -> Tensor:
+    """VAR's (and HART's) CFG arithmetic, op for op as the official code: (1 + t)·cond − t·uncond."""
+    return (1 + t) * cond - t * uncond
+
+
 class VAR(nn.Module):
     """The VAR transformer. Defaults follow ``build_vae_var`` for the 256 px d16 model."""
 
@@ -329,7 +334,7 @@ class VAR(nn.Module):
         f_hat = cond.new_zeros(B, self.Cvae, P, P)
         begin_ends = self.schedule.begin_ends
 
-        hooks.begin(self.schedule.sizes, 2 * B)
+        hooks.begin(self.schedule.sizes, 2 * B, dev)
         self._set_kv_cache(True)
         try:
             for si, pn in enumerate(self.patch_nums):
@@ -353,7 +358,7 @@ class VAR(nn.Module):
                 logits = self.get_logits(x, cond)
                 ratio = si / (SN - 1) if SN > 1 else 0.0
                 t = cfg * ratio
-                guided = (1 + t) * logits[:B] - t * logits[B:]
+                guided = hooks.guidance(si, logits[:B], logits[B:], t, var_guidance)
                 if trace is not None:
                     trace.setdefault("raw_logits", []).append(logits)
                     trace.setdefault("guided_logits", []).append(guided.clone())

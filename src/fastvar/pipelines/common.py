@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .. import validate
 from ..accel import AccelPlan, make_hooks
+from ..accel.engine import Engine
 from ..accel.hooks import IDENTITY, Hooks
-from ..accel.pruning import PlanHooks
 from ..accel.stats import dense_counts, generation_stats, peak_memory_mb
 
 
@@ -103,8 +103,9 @@ class PlanRunner:
             model.hooks = prev
         secs = time.perf_counter() - t0
         dims = model.flop_dims()
-        if isinstance(hooks, PlanHooks):
-            counts, sizes, scale_s = hooks.counts, hooks.sizes, hooks.scale_seconds
+        if isinstance(hooks, Engine):
+            rec = hooks.recorder
+            counts, sizes, scale_s = rec.counts, rec.sizes, rec.scale_seconds
         else:
             counts, scale_s = dense_counts(sizes, model.depth, dims.branches), {}
         stats = generation_stats(counts, sizes, dims, 2 * batch, scale_s, peak_memory_mb(dev))

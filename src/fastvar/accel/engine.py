@@ -1,0 +1,267 @@
+"""The composable engine: one hooks object made of independent policies plus an always-on recorder.
+
+Why: methods used to combine by inheritance (``CachingHooks(PlanHooks)``) and only the pruning hooks
+recorded statistics, so every new method meant a new subclass and a new special case in the runners.
+Here a method is a :class:`Policy` — a small object that implements only the hook points it needs —
+and :class:`Engine` dispatches each hook point to its policies in a fixed order (``Policy.order``,
+lower first). A :class:`Recorder` beside them counts tokens per (scale, layer, branch), the skipped
+scales and the per-scale time whatever the policies are, so statistics are real for any combination.
+
+Dispatch rules (the contract between policies):
+
+- ``begin``: every policy in order; a policy may read :attr:`Engine.planned_skip` (the scales the
+  policies before it will skip) and other policies through :meth:`Engine.policy`.
+- ``skip_scale``: a scale is skipped if any policy skips it; every policy is asked (no short cut).
+- ``branch``: a chain, outermost = lowest order. Each policy gets ``(x, idx, inner)`` and returns the
+  branch output, calling ``inner(t, idx)`` zero or more times (caching may not call it; pruning calls
+  it on the kept tokens). The innermost ``inner`` is the block's own function wrapped by the recorder,
+  which counts the tokens it really computes. After the chain every policy sees the final output in
+  ``branch_output`` (pruning stores its restore cache there, whichever policy produced the output).
+- ``kv_tokens``: per scale and layer, each policy may lower the number of tokens appended.
+- ``guidance``: a chain like ``branch``; the innermost call is the backbone's official arithmetic.
+- ``begin_scale`` / ``end_scale`` / ``end``: every policy in order; the recorder times the scale.
+
+With no policy every call is a pass-through, so the output is bit-identical to the identity hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from .hooks import BranchFn, GuidanceFn, Hooks
+
+P = TypeVar("P", bound="Policy")
+
+
+class Policy:
+    """One acceleration method on the engine's hook points; every method is a no-op by default."""
+
+    order: int = 50
+    """Dispatch position (lower first, outermost in chains): skip 0, cache 10, prune 20, guidance 30, kv 40."""
+
+    engine: Engine | None = None
+
+    def begin(self, engine: Engine) -> None:
+        """A generation starts; ``engine.sizes`` / ``engine.batch`` / ``engine.depth`` are set."""
+        self.engine = engine
+
+    def planned_skip(self) -> frozenset[int]:
+        """Scales this policy will skip in this generation (known after ``begin``)."""
+        return frozenset()
+
+    def skip_scale(self, si: int) -> bool:
+        return si in self.planned_skip()
+
+    def kv_tokens(self, si: int, layer: int, n: int) -> int:
+        """Tokens of scale ``si`` (``n`` of them would be forwarded) that block ``layer`` appends."""
+        return n
+
+    def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
+        """Blocks are about to run on scale ``si`` of size ``hw``."""
+
+    def branch(self, layer: int, name: str, x: Tensor, idx: Tensor | None, inner: BranchFn) -> Tensor:
+        return inner(x, idx)
+
+    def branch_output(self, layer: int, name: str, out: Tensor) -> None:
+        """The final output of branch ``name`` of block ``layer`` at the current scale."""
+
+    def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, inner: GuidanceFn) -> Tensor:
+        return inner(cond, uncond, t)
+
+    def end_scale(self, si: int) -> None:
+        """Blocks of scale ``si`` ran."""
+
+    def end(self) -> None:
+        """The generation is over; drop per-generation tensors here."""
+
+
+class Recorder:
+    """Tokens per (scale, layer, branch), skipped scales and per-scale block time of one generation.
+
+    Time: on CPU ``perf_counter`` around the blocks of each scale; on CUDA one pair of events per scale,
+    read once at the end of the generation (one synchronisation per generation, not one per scale, so
+    recording does not serialise the host with the device).
+    """
+
+    def __init__(self, timing: bool = True) -> None:
+        self.timing = timing
+        self.begin((), 0)
+
+    def begin(self, sizes: Sequence[tuple[int, int]], batch: int, device: torch.device | None = None) -> None:
+        self.sizes: tuple[tuple[int, int], ...] = tuple(tuple(s) for s in sizes)
+        self.batch = batch
+        self.device = device
+        self.counts: dict[tuple[int, int, str], tuple[int, int]] = {}
+        self.skipped: list[int] = []
+        self.scale_seconds: dict[int, float] = {}
+        self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
+        self._t0 = 0.0
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
+    def begin_scale(self, si: int) -> None:
+        if not self.timing:
+            return
+        if self._cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events[si] = (start, torch.cuda.Event(enable_timing=True))
+        else:
+            self._t0 = time.perf_counter()
+
+    def end_scale(self, si: int) -> None:
+        if not self.timing:
+            return
+        if self._cuda:
+            self._events[si][1].record()
+        else:
+            self.scale_seconds[si] = time.perf_counter() - self._t0
+
+    def end(self) -> None:
+        if self._events:
+            last = max(self._events)
+            self._events[last][1].synchronize()
+            for si, (a, b) in sorted(self._events.items()):
+                self.scale_seconds[si] = a.elapsed_time(b) / 1000.0
+            self._events = {}
+
+
+class Engine(Hooks):
+    """Hooks made of independent policies (each optional) and a recorder; see the module docstring."""
+
+    active = True
+
+    def __init__(self, policies: Sequence[Policy] = (), depth: int = 0, plan=None, timing: bool = True) -> None:
+        self.policies: list[Policy] = sorted(policies, key=lambda p: p.order)
+        self.depth = depth
+        self.plan = plan
+        self.recorder = Recorder(timing)
+        self.planned_skip: frozenset[int] = frozenset()
+        self.si = -1
+        self.hw: tuple[int, int] = (0, 0)
+
+    def policy(self, kind: type[P]) -> P | None:
+        """The first policy of class ``kind`` (policies that cooperate find each other here)."""
+        return next((p for p in self.policies if isinstance(p, kind)), None)
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        return self.recorder.sizes
+
+    @property
+    def batch(self) -> int:
+        return self.recorder.batch
+
+    # ------------------------------------------------------------------ hook points
+    def begin(self, sizes: Sequence[tuple[int, int]], batch: int, device: torch.device | None = None) -> None:
+        self.recorder.begin(sizes, batch, device)
+        self.planned_skip = frozenset()
+        self._begun = True
+        for p in self.policies:
+            p.begin(self)
+            self.planned_skip = self.planned_skip | p.planned_skip()
+
+    def skip_scale(self, si: int) -> bool:
+        skip = any([p.skip_scale(si) for p in self.policies])
+        if skip:
+            self.recorder.skipped.append(si)
+        return skip
+
+    def kv_tokens(self, sizes: Sequence[tuple[int, int]], layer: int) -> int:
+        if not getattr(self, "_begun", False):  # before the first generation: every token
+            return super().kv_tokens(sizes, layer)
+        total = 0
+        for si, (h, w) in enumerate(sizes):
+            n = h * w
+            for p in self.policies:
+                n = p.kv_tokens(si, layer, n)
+            total += n
+        return total
+
+    def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
+        self.si, self.hw = si, tuple(hw)
+        for p in self.policies:
+            p.begin_scale(si, self.hw)
+        self.recorder.begin_scale(si)
+
+    def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
+        computed = [0]
+
+        def counted(t: Tensor, idx: Tensor | None) -> Tensor:
+            computed[0] += t.shape[1]
+            return fn(t, idx)
+
+        inner: BranchFn = counted
+        for p in reversed(self.policies):
+            inner = _bind_branch(p, layer, name, inner)
+        out = inner(x, None)
+        self.recorder.counts[(self.si, layer, name)] = (x.shape[1], computed[0])
+        for p in self.policies:
+            p.branch_output(layer, name, out)
+        return out
+
+    def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, combine: GuidanceFn) -> Tensor:
+        inner = combine
+        for p in reversed(self.policies):
+            inner = _bind_guidance(p, si, inner)
+        return inner(cond, uncond, t)
+
+    def end_scale(self, si: int) -> None:
+        self.recorder.end_scale(si)
+        for p in self.policies:
+            p.end_scale(si)
+
+    def end(self) -> None:
+        for p in self.policies:
+            p.end()
+        self.recorder.end()
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def counts(self) -> dict[tuple[int, int, str], tuple[int, int]]:
+        return self.recorder.counts
+
+    @property
+    def skipped(self) -> list[int]:
+        return self.recorder.skipped
+
+    @property
+    def scale_seconds(self) -> dict[int, float]:
+        return self.recorder.scale_seconds
+
+    def token_counts(self) -> dict[tuple[int, int, str], tuple[int, int]]:
+        return dict(self.recorder.counts)
+
+    def __getattr__(self, name: str):
+        # Backwards compatibility: ``PlanHooks``/``CachingHooks`` exposed their state as attributes
+        # (``hooks.kept``, ``hooks.decisions``, ``hooks.similarity`` ...); look them up on the policies.
+        if name.startswith("__") or name in ("policies", "recorder"):
+            raise AttributeError(name)
+        for p in self.__dict__.get("policies", ()):
+            if hasattr(p, name):
+                return getattr(p, name)
+        raise AttributeError(f"{type(self).__name__} (policies {[type(p).__name__ for p in self.__dict__.get('policies', ())]}) "
+                             f"has no attribute {name!r}")
+
+
+def _bind_branch(p: Policy, layer: int, name: str, inner: BranchFn) -> BranchFn:
+    return lambda t, idx: p.branch(layer, name, t, idx, inner)
+
+
+def _bind_guidance(p: Policy, si: int, inner: GuidanceFn) -> GuidanceFn:
+    return lambda c, u, t: p.guidance(si, c, u, t, inner)
+
+
+def compose(*policies: Policy | None, depth: int, plan=None, timing: bool = True) -> Engine:
+    """An engine of the given policies (``None`` entries are left out: each policy is optional)."""
+    return Engine([p for p in policies if p is not None], depth=depth, plan=plan, timing=timing)
+
+
+__all__ = ["Policy", "Recorder", "Engine", "compose"]
