@@ -361,11 +361,12 @@ def plan_file(path: Any, name: str = "--plan") -> Any:
 
 
 def plan(value: Any, name: str = "plan") -> Any:
-    """What ``pipe(..., plan=...)`` accepts: None, an AccelPlan, or a known preset name ("none" included)."""
-    from .accel import AccelPlan
+    """What ``pipe(..., plan=...)`` accepts: None, an AccelPlan, a hooks object (an engine of policies),
+    or a known preset name ("none" included)."""
+    from .accel import AccelPlan, Hooks
     from .accel.presets import PRESETS
 
-    if value is None or isinstance(value, AccelPlan):
+    if value is None or isinstance(value, (AccelPlan, Hooks)):
         return value
     if isinstance(value, str):
         if value == "none" or value in PRESETS:

@@ -9,18 +9,23 @@ Public API, in the spirit of tomesd::
 
 from __future__ import annotations
 
+from .engine import Engine, Policy, Recorder, compose
+from .guidance import GuidancePolicy
 from .hooks import IDENTITY, Hooks
 from .plan import AccelPlan, CacheConfig, PlanError, ResolvedPlan
 from .presets import PRESETS, get_preset, preset_for_model
-from .pruning import PlanHooks
+from .pruning import PlanHooks, PrunePolicy, SkipPolicy
 
 
 def _model_of(obj):
     return getattr(obj, "model", obj)
 
 
-def make_hooks(model, plan: AccelPlan | str | None, record: bool = False) -> Hooks:
-    """Hooks executing ``plan`` on ``model`` (identity hooks for ``None`` / ``"none"``)."""
+def make_hooks(model, plan: AccelPlan | str | Hooks | None, record: bool = False) -> Hooks:
+    """Hooks executing ``plan`` on ``model`` (identity hooks for ``None`` / ``"none"``; a hooks object,
+    e.g. an :class:`Engine` of hand-picked policies, is used as it is)."""
+    if isinstance(plan, Hooks):
+        return plan
     if plan is None or (isinstance(plan, str) and plan == "none"):
         return IDENTITY
     if isinstance(plan, str):
@@ -48,4 +53,5 @@ def remove(model_or_pipeline) -> None:
 __all__ = [
     "AccelPlan", "CacheConfig", "PlanError", "ResolvedPlan", "Hooks", "IDENTITY", "PlanHooks",
     "PRESETS", "get_preset", "preset_for_model", "apply", "remove", "make_hooks",
+    "Engine", "Policy", "Recorder", "compose", "SkipPolicy", "PrunePolicy", "GuidancePolicy",
 ]

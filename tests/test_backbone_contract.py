@@ -1,0 +1,158 @@
+"""One contract over the three tiny random backbones (VAR, Infinity, HART), as diffusers' PipelineTesterMixin.
+
+Every family must: give bit-identical output under an engine with no policy and under every policy at
+its no-op setting; give the same output for the same seed; not sample at a skipped scale; forward
+exactly the tokens the plan says; route its guidance through the ``guidance`` hook.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastvar.accel import AccelPlan, CacheConfig, Engine, GuidancePolicy, PrunePolicy, SkipPolicy
+from fastvar.accel.caching import CachePolicy
+from fastvar.schedules import Schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ("var", "infinity", "hart")
+
+
+def _tiny(family: str):
+    if family == "var":
+        from fastvar.models.var import VAR
+        from fastvar.pipelines.var import VARPipeline
+        from fastvar.tokenizers.vqvae import VQVAE
+
+        pn = (1, 2, 3, 4, 6, 8)
+        torch.manual_seed(0)
+        model = VAR(vocab_size=64, cvae=8, num_classes=5, depth=2, embed_dim=32, num_heads=2, patch_nums=pn)
+        model.init_weights()
+        with torch.no_grad():
+            for blk in model.blocks:
+                blk.ada_lin[-1].weight.normal_(0, 0.05)
+            model.head.weight.mul_(20)
+        vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=pn, using_sa=False,
+                    using_mid_sa=False)
+        return VARPipeline(model.eval(), vae.eval(), "tiny", defaults=dict(cfg=2.0, top_k=10, top_p=0.9)), [0, 3]
+    if family == "infinity":
+        from fastvar.pipelines.infinity import InfinityPipeline
+
+        pipe = InfinityPipeline.random_init(device="cpu", depth=2, embed_dim=32, num_heads=2, text_channels=16,
+                                            text_maxlen=16, d_vae=16, pn="0.06M")
+        return pipe, ["a red cat", "a blue house"]
+    from fastvar.pipelines.hart import HARTPipeline
+
+    pipe = HARTPipeline.random_init(device="cpu", depth=2, embed_dim=16, num_heads=1, text_tokens=8, text_channels=16,
+                                    diff_width=16, diff_depth=1, vocab_size=32, cvae=4,
+                                    patch_nums=(1, 2, 36, 48, 64))
+    return pipe, ["a red cat"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request):
+    pipe, cond = _tiny(request.param)
+    base = pipe(cond, seed=3, decode=False)
+    return request.param, pipe, cond, base
+
+
+def _sizes(pipe, base) -> list[tuple[int, int]]:
+    return [tuple(s) for s in base.stats["sizes"]]
+
+
+def _first_hooked(family: str) -> int:
+    """HART's scale 0 is the text prefill: its blocks run outside the hooks (not a token map), so the
+    recorder starts at scale 1 there (the dense no-plan statistics still count it as one token)."""
+    return 1 if family == "hart" else 0
+
+
+def test_contract_attributes(case):
+    family, pipe, _cond, base = case
+    model = pipe.model
+    assert pipe.family == family == model.family
+    assert model.depth >= 1 and model.flop_dims().width > 0
+    assert len(_sizes(pipe, base)) >= 4
+
+
+def test_engine_without_policies_is_bit_identical(case):
+    family, pipe, cond, base = case
+    res = pipe(cond, seed=3, decode=False, plan=Engine(depth=pipe.model.depth))
+    assert torch.equal(res.latent, base.latent)
+    sizes = _sizes(pipe, base)
+    first = _first_hooked(family)
+    assert set(res.stats["tokens_per_scale"]) == {str(i) for i in range(first, len(sizes))}
+    assert res.stats["tokens_forwarded"] == res.stats["tokens_total"]
+    assert set(res.stats["scale_seconds"]) == {str(i) for i in range(len(sizes))}  # the recorder always times
+
+
+def test_every_policy_at_its_noop_setting_is_bit_identical(case):
+    _f, pipe, cond, base = case
+    depth = pipe.model.depth
+    noop = AccelPlan(name="noop")
+    eng = Engine([SkipPolicy(noop), PrunePolicy(noop), CachePolicy(CacheConfig(), depth), GuidancePolicy()],
+                 depth=depth)
+    res = pipe(cond, seed=3, decode=False, plan=eng)
+    assert torch.equal(res.latent, base.latent)
+
+
+def test_same_seed_same_output(case):
+    _f, pipe, cond, base = case
+    n = len(_sizes(pipe, base))
+    plan = AccelPlan(name="p", keep={f"#{n - 1}": 0.5})
+    a = pipe(cond, seed=5, decode=False, plan=plan)
+    b = pipe(cond, seed=5, decode=False, plan=plan)
+    assert torch.equal(a.latent, b.latent)
+
+
+def test_skipped_scale_samples_nothing(case, monkeypatch):
+    family, pipe, cond, base = case
+    import importlib
+
+    mod = importlib.import_module(f"fastvar.models.{family}")
+    real = mod.sample_top_k_top_p_
+    calls: list[int] = []
+
+    def counting(logits, *a, **kw):
+        calls.append(1)
+        return real(logits, *a, **kw)
+
+    monkeypatch.setattr(mod, "sample_top_k_top_p_", counting)
+    n = len(_sizes(pipe, base))
+    res = pipe(cond, seed=3, decode=False, plan=AccelPlan(name="skip", skip=(f"#{n - 2}",)), record=True)
+    assert len(calls) == n - 1
+    assert res.stats["hooks"].skipped == [n - 2]
+    assert str(n - 2) not in res.stats["tokens_per_scale"]
+
+
+def test_token_counts_equal_the_plan(case):
+    family, pipe, cond, base = case
+    sizes = _sizes(pipe, base)
+    n, depth = len(sizes), pipe.model.depth
+    plan = AccelPlan(name="p", keep={f"#{n - 1}": 0.5, f"#{n - 2}": 0.75})
+    res = pipe(cond, seed=3, decode=False, plan=plan)
+    r = plan.resolve(Schedule(sizes), depth)
+    branches = pipe.model.flop_dims().branches
+    for si, (h, w) in list(enumerate(sizes))[_first_hooked(family):]:
+        got = res.stats["tokens_per_scale"][str(si)]
+        want = sum(r.n_keep(si, h * w) if r.prunes(si, layer, b) else h * w for layer in range(depth) for b in branches)
+        assert got == {"in": h * w * depth * len(branches), "computed": want}, si
+
+
+def test_guidance_goes_through_the_hook(case):
+    _f, pipe, cond, base = case
+    seen: list[int] = []
+
+    class Spy(GuidancePolicy):
+        def guidance(self, si, c, u, t, inner):
+            seen.append(si)
+            assert c.shape == u.shape
+            return super().guidance(si, c, u, t, inner)
+
+    n = len(_sizes(pipe, base))
+    res = pipe(cond, seed=3, decode=False, plan=Engine([Spy()], depth=pipe.model.depth))
+    assert torch.equal(res.latent, base.latent) and seen == list(range(n))
+    # guidance off at the last scale changes only what that scale samples
+    off = pipe(cond, seed=3, decode=False, plan=Engine([GuidancePolicy(cond_only_from=f"#{n - 1}")],
+                                                       depth=pipe.model.depth))
+    assert off.latent.shape == base.latent.shape and not torch.equal(off.latent, base.latent)
