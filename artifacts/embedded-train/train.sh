@@ -24,7 +24,7 @@ case "${1:-}" in
     python -c "from fastvar.train.var_train import export_vqvae; print(export_vqvae('$A/vqvae', '$A/vqvae-frozen.safetensors'))" ;;
   var)
     exec nice -n 10 python -m fastvar.train.cli var --out $A/var --vqvae $A/vqvae-frozen.safetensors --threads "$THREADS" \
-      --depth 6 --embed-dim 192 --num-heads 3 --batch-size 16 --steps 8000 --lr 5e-4 --warmup 300 --ema 0.999 --pg 0.25 --pg0 6 --pgwp 100 \
+      --depth 6 --embed-dim 192 --num-heads 3 --batch-size 16 --steps 7800 --lr 5e-4 --warmup 300 --ema 0.999 --pg 0.25 --pg0 6 --pgwp 100 \
       --ckpt-every 50 --log-every 10 --keep-last 1 ;;
   export)
     python -c "from fastvar.train.embedded import export_embedded; print(export_embedded('$A/vqvae-frozen.safetensors', '$A/var'))" ;;
