@@ -211,8 +211,8 @@ def test_kv_capacity_is_exactly_what_each_layer_appends(pipe, plan, monkeypatch)
     made = []
     orig = attention.KVCache.__init__
 
-    def spy(self, capacity=None):
-        orig(self, capacity)
+    def spy(self, capacity=None, *args, **kw):
+        orig(self, capacity, *args, **kw)
         made.append(self)
 
     monkeypatch.setattr(attention.KVCache, "__init__", spy)

@@ -7,10 +7,12 @@ exactly the tokens the plan says; route its guidance through the ``guidance`` ho
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from fastvar.accel import AccelPlan, CacheConfig, Engine, GuidancePolicy, PrunePolicy, SkipPolicy
+from fastvar.accel import AccelPlan, CacheConfig, Engine, GuidancePolicy, KVPolicy, PrunePolicy, SkipPolicy
 from fastvar.accel.caching import CachePolicy
 from fastvar.schedules import Schedule
 
@@ -32,7 +34,9 @@ def _tiny(family: str):
         with torch.no_grad():
             for blk in model.blocks:
                 blk.ada_lin[-1].weight.normal_(0, 0.05)
+                blk.ada_lin[-1].bias.normal_(0, 0.3)  # the trainable init's AdaLN gains are ~0: make branches matter
             model.head.weight.mul_(20)
+            model.class_emb.weight.normal_(0, 1.0)  # classes (and the unconditional one) must differ for CFG to matter
         vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=pn, using_sa=False,
                     using_mid_sa=False)
         return VARPipeline(model.eval(), vae.eval(), "tiny", defaults=dict(cfg=2.0, top_k=10, top_p=0.9)), [0, 3]
@@ -90,8 +94,9 @@ def test_every_policy_at_its_noop_setting_is_bit_identical(case):
     _f, pipe, cond, base = case
     depth = pipe.model.depth
     noop = AccelPlan(name="noop")
-    eng = Engine([SkipPolicy(noop), PrunePolicy(noop), CachePolicy(CacheConfig(), depth), GuidancePolicy()],
-                 depth=depth)
+    n = len(_sizes(pipe, base))
+    eng = Engine([SkipPolicy(noop), PrunePolicy(noop), CachePolicy(CacheConfig(), depth), GuidancePolicy(),
+                  KVPolicy({f"#{n - 2}": 1.0})], depth=depth)
     res = pipe(cond, seed=3, decode=False, plan=eng)
     assert torch.equal(res.latent, base.latent)
 
@@ -152,7 +157,42 @@ def test_guidance_goes_through_the_hook(case):
     n = len(_sizes(pipe, base))
     res = pipe(cond, seed=3, decode=False, plan=Engine([Spy()], depth=pipe.model.depth))
     assert torch.equal(res.latent, base.latent) and seen == list(range(n))
-    # guidance off at the last scale changes only what that scale samples
-    off = pipe(cond, seed=3, decode=False, plan=Engine([GuidancePolicy(cond_only_from=f"#{n - 1}")],
+    # guidance off from scale 1 on changes what is sampled
+    off = pipe(cond, seed=3, decode=False, plan=Engine([GuidancePolicy(cond_only_from="#1")],
                                                        depth=pipe.model.depth))
     assert off.latent.shape == base.latent.shape and not torch.equal(off.latent, base.latent)
+
+
+def test_kv_policy_keeps_its_budget(case):
+    _f, pipe, cond, base = case
+    sizes = _sizes(pipe, base)
+    n, depth = len(sizes), pipe.model.depth
+    keep = {f"#{si}": 0.25 for si in range(1, n - 1)}  # every scale a later scale attends to
+    full = Engine(depth=depth)
+    pipe(cond, seed=3, decode=False, plan=full)
+    eng = Engine([KVPolicy(keep)], depth=depth)
+    a = pipe(cond, seed=3, decode=False, plan=eng)
+    b = pipe(cond, seed=3, decode=False, plan=Engine([KVPolicy(keep)], depth=depth))
+    assert torch.equal(a.latent, b.latent) and not torch.equal(a.latent, base.latent)
+    for si in range(1, n - 1):
+        h, w = sizes[si]
+        for layer in range(depth):
+            whole, kept = full.recorder.kv_bytes[(si, layer)], eng.recorder.kv_bytes[(si, layer)]
+            assert kept * h * w == whole * math.ceil(0.25 * h * w)
+    assert sum(eng.recorder.kv_bytes.values()) < sum(full.recorder.kv_bytes.values())
+
+
+def test_kv_cache_compaction_equals_concatenating_the_kept_subset():
+    from fastvar.layers.attention import KVCache
+
+    class Keep2:
+        def kv_append(self, layer, k, v):
+            return k[:, :, :2].clone(), v[:, :, :2].clone()
+
+    for cap in (None, 64):
+        c = KVCache(cap, 0, Keep2())
+        k1, v1, k2, v2 = (torch.randn(1, 2, n, 4) for n in (5, 5, 3, 3))
+        ka, _ = c.append(k1, v1)
+        assert torch.equal(ka, k1)  # the scale itself attends to all its keys
+        kb, vb = c.append(k2, v2)
+        assert torch.equal(kb, torch.cat((k1[:, :, :2], k2), 2)) and torch.equal(vb, torch.cat((v1[:, :, :2], v2), 2))

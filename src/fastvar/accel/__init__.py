@@ -12,6 +12,7 @@ from __future__ import annotations
 from .engine import Engine, Policy, Recorder, compose
 from .guidance import GuidancePolicy
 from .hooks import IDENTITY, Hooks
+from .kv import KVPolicy
 from .plan import AccelPlan, CacheConfig, PlanError, ResolvedPlan
 from .presets import PRESETS, get_preset, preset_for_model
 from .pruning import PlanHooks, PrunePolicy, SkipPolicy
@@ -53,5 +54,5 @@ def remove(model_or_pipeline) -> None:
 __all__ = [
     "AccelPlan", "CacheConfig", "PlanError", "ResolvedPlan", "Hooks", "IDENTITY", "PlanHooks",
     "PRESETS", "get_preset", "preset_for_model", "apply", "remove", "make_hooks",
-    "Engine", "Policy", "Recorder", "compose", "SkipPolicy", "PrunePolicy", "GuidancePolicy",
+    "Engine", "Policy", "Recorder", "compose", "SkipPolicy", "PrunePolicy", "GuidancePolicy", "KVPolicy",
 ]

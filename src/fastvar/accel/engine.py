@@ -18,6 +18,8 @@ Dispatch rules (the contract between policies):
   which counts the tokens it really computes. After the chain every policy sees the final output in
   ``branch_output`` (pruning stores its restore cache there, whichever policy produced the output).
 - ``kv_tokens``: per scale and layer, each policy may lower the number of tokens appended.
+- ``kv_append``: each policy in order may keep a subset of what the previous one kept; the recorder
+  counts the bytes kept per (scale, layer).
 - ``guidance``: a chain like ``branch``; the innermost call is the backbone's official arithmetic.
 - ``begin_scale`` / ``end_scale`` / ``end``: every policy in order; the recorder times the scale.
 
@@ -73,6 +75,10 @@ class Policy:
     def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, inner: GuidanceFn) -> Tensor:
         return inner(cond, uncond, t)
 
+    def kv_append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys/values (B, H, n, c) of the current scale that block ``layer`` keeps (default: all)."""
+        return k, v
+
     def end_scale(self, si: int) -> None:
         """Blocks of scale ``si`` ran."""
 
@@ -99,6 +105,7 @@ class Recorder:
         self.counts: dict[tuple[int, int, str], tuple[int, int]] = {}
         self.skipped: list[int] = []
         self.scale_seconds: dict[int, float] = {}
+        self.kv_bytes: dict[tuple[int, int], int] = {}  # (scale, layer) -> bytes of K and V kept in the cache
         self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._t0 = 0.0
 
@@ -212,6 +219,14 @@ class Engine(Hooks):
         for p in reversed(self.policies):
             inner = _bind_guidance(p, si, inner)
         return inner(cond, uncond, t)
+
+    def kv_append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        for p in self.policies:
+            k, v = p.kv_append(layer, k, v)
+        key = (self.si, layer)
+        rec = self.recorder.kv_bytes
+        rec[key] = rec.get(key, 0) + k.numel() * k.element_size() + v.numel() * v.element_size()
+        return k, v
 
     def end_scale(self, si: int) -> None:
         self.recorder.end_scale(si)

@@ -64,6 +64,14 @@ class Hooks:
         """
         return combine(cond, uncond, t)
 
+    def kv_append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """What block ``layer`` keeps in its KV cache of the (B, H, n, c) keys/values it appends now.
+
+        The identity keeps everything by returning its inputs (the cache then rewrites nothing); a
+        policy returns new tensors with fewer tokens. The current scale still attends to all of them.
+        """
+        return k, v
+
     def end_scale(self, si: int) -> None:
         """Called after the blocks of scale ``si`` ran."""
 

@@ -26,16 +26,42 @@ class KVCache:
     the whole cache at every scale, no fresh allocation (on CPU, page faults) per scale. ``k`` / ``v``
     are then views of the filled part, with the same values a concatenation would give. Appending past
     the capacity falls back to concatenation, so a wrong hint costs speed, never correctness.
+
+    With ``hooks`` and ``layer`` every append asks ``hooks.kv_append(layer, k, v)`` what to *keep* of
+    the appended keys/values (KV-cache compression). The current scale's queries still attend to all of
+    its own keys (the returned views hold them); the kept subset replaces them at the next append, so
+    later scales see only what was kept. The identity hook returns its inputs and nothing is rewritten.
     """
 
-    def __init__(self, capacity: int | None = None) -> None:
+    def __init__(self, capacity: int | None = None, layer: int | None = None, hooks=None) -> None:
         self.capacity = capacity
+        self.layer, self.hooks = layer, hooks
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self._kbuf: Tensor | None = None
         self._vbuf: Tensor | None = None
+        self._pending: tuple[int, Tensor, Tensor] | None = None
+
+    def _compact(self) -> None:
+        """Replace the last append (from position ``start``) by the subset the hook kept."""
+        start, kk, vv = self._pending
+        self._pending = None
+        if self._kbuf is not None and self.k.data_ptr() == self._kbuf.data_ptr():
+            m = kk.shape[2]
+            self._kbuf[:, :, start:start + m].copy_(kk)
+            self._vbuf[:, :, start:start + m].copy_(vv)
+            self.k, self.v = self._kbuf[:, :, :start + m], self._vbuf[:, :, :start + m]
+        else:
+            self.k = torch.cat((self.k[:, :, :start], kk), dim=2)
+            self.v = torch.cat((self.v[:, :, :start], vv), dim=2)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self._pending is not None:
+            self._compact()
+        if self.hooks is not None:
+            kk, vv = self.hooks.kv_append(self.layer, k, v)
+            if kk is not k or vv is not v:
+                self._pending = (self.length, kk, vv)
         n, old = k.shape[2], self.length
         if self.capacity is not None and old + n <= self.capacity:
             if self._kbuf is None:
@@ -56,6 +82,7 @@ class KVCache:
 
     def clear(self) -> None:
         self.k = self.v = self._kbuf = self._vbuf = None
+        self._pending = None
 
     @property
     def length(self) -> int:

@@ -339,7 +339,8 @@ class HART(nn.Module):
     def _set_kv_cache(self, on: bool) -> None:
         sizes = self.schedule.sizes
         for i, blk in enumerate(self.blocks):
-            blk.attn.kv_cache = KVCache(self.hooks.kv_tokens(sizes, i) + self.context_token - 1) if on else None
+            blk.attn.kv_cache = (KVCache(self.hooks.kv_tokens(sizes, i) + self.context_token - 1, i, self.hooks)
+                                 if on else None)
 
     def _lvl_pos(self) -> Tensor:
         return self.lvl_embed(self.lvl_1L)

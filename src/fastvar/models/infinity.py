@@ -319,7 +319,7 @@ class Infinity(nn.Module):
         executed: list[int] = []
         summed: Tensor | int = 0
         hooks.begin(sizes, bs, self.device)
-        caches = [KVCache(hooks.kv_tokens(sizes, i)) for i in range(self.depth)]
+        caches = [KVCache(hooks.kv_tokens(sizes, i), i, hooks) for i in range(self.depth)]
         memo: dict = {}
         try:
             for si, (h, w) in enumerate(sizes):

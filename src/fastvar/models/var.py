@@ -254,7 +254,7 @@ class VAR(nn.Module):
     def _set_kv_cache(self, on: bool) -> None:
         sizes = self.schedule.sizes
         for i, blk in enumerate(self.blocks):
-            blk.attn.kv_cache = KVCache(self.hooks.kv_tokens(sizes, i)) if on else None
+            blk.attn.kv_cache = KVCache(self.hooks.kv_tokens(sizes, i), i, self.hooks) if on else None
 
     def _lvl_pos(self) -> Tensor:
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC

@@ -106,11 +106,14 @@ class PlanRunner:
         if isinstance(hooks, Engine):
             rec = hooks.recorder
             counts, sizes, scale_s = rec.counts, rec.sizes, rec.scale_seconds
+            kv_bytes = sum(rec.kv_bytes.values())
         else:
             counts, scale_s = dense_counts(sizes, model.depth, dims.branches), {}
+            kv_bytes = None
         stats = generation_stats(counts, sizes, dims, 2 * batch, scale_s, peak_memory_mb(dev))
         stats["plan"] = getattr(getattr(hooks, "plan", None), "name", "none") if hooks is not IDENTITY else "none"
         stats["seconds"] = secs
+        stats["kv_bytes"] = kv_bytes  # K/V kept in the caches at the end (None without an engine)
         return out, secs, stats, hooks
 
 
