@@ -14,6 +14,7 @@ import torch
 
 from fastvar.accel import AccelPlan, CacheConfig, Engine, GuidancePolicy, KVPolicy, PrunePolicy, SkipPolicy
 from fastvar.accel.caching import CachePolicy
+from fastvar.accel.engine import Backbone
 from fastvar.schedules import Schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +75,7 @@ def _first_hooked(family: str) -> int:
 def test_contract_attributes(case):
     family, pipe, _cond, base = case
     model = pipe.model
+    assert isinstance(model, Backbone)
     assert pipe.family == family == model.family
     assert model.depth >= 1 and model.flop_dims().width > 0
     assert len(_sizes(pipe, base)) >= 4

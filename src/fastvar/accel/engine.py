@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .hooks import BranchFn, GuidanceFn, Hooks
+from .stats import FlopDims
 
 P = TypeVar("P", bound="Policy")
 
@@ -279,4 +280,22 @@ def compose(*policies: Policy | None, depth: int, plan=None, timing: bool = True
     return Engine([p for p in policies if p is not None], depth=depth, plan=plan, timing=timing)
 
 
-__all__ = ["Policy", "Recorder", "Engine", "compose"]
+__all__ = ["Policy", "Recorder", "Engine", "compose", "Backbone"]
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the engine, plans and presets need of a model (VAR, Infinity and HART implement it).
+
+    ``family`` names the sampling loop ("var", "infinity", "hart"); ``depth`` the blocks a plan's layer
+    ranges refer to; ``flop_dims()`` what the FLOP estimate needs; ``hooks`` the installed hooks (an
+    :class:`Engine` or the identity). The scale schedule of a generation reaches the hooks in
+    ``begin(sizes, batch, device)`` (Infinity's depends on the aspect ratio), and each family's
+    pipeline has one generation call returning ``GenerationResult``.
+    """
+
+    family: str
+    depth: int
+    hooks: Hooks
+
+    def flop_dims(self) -> FlopDims: ...
