@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import validate
 from ..errors import UsageError
+from ..pipelines.common import atomic_write_text
 from ..validate import cli_float, cli_int
 
 
@@ -32,15 +33,8 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_text(text: str, path: Path) -> None:
-    from ..checkpoints import atomic_output
-
-    with atomic_output(path) as f:
-        f.write(text.encode("utf-8"))
-
-
 def _write_json(obj: Any, path: Path) -> None:
-    _write_text(json.dumps(_clean(obj), indent=2, default=str) + "\n", Path(path))
+    atomic_write_text(json.dumps(_clean(obj), indent=2, default=str) + "\n", Path(path))
 
 
 def _record(args, metric: str, result: dict[str, Any]) -> None:
@@ -222,7 +216,7 @@ def cmd_geneval(args) -> int:
     summary = summarize(results)
     print(format_summary(summary))
     if args.results:
-        _write_text("".join(json.dumps(r.__dict__) + "\n" for r in results), Path(args.results))
+        atomic_write_text("".join(json.dumps(r.__dict__) + "\n" for r in results), Path(args.results))
     _record(args, "geneval", {**summary, "detector": detector_name, "rules": rules.__dict__})
     return 0
 
@@ -352,7 +346,7 @@ def cmd_report(args) -> int:
     md = to_markdown(report)
     print(md)
     if args.markdown:
-        _write_text(md + "\n", Path(args.markdown))
+        atomic_write_text(md + "\n", Path(args.markdown))
     if args.json:
         _write_json(report, Path(args.json))
     if args.plot:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,30 +131,21 @@ def make_grid(images: Tensor, ncol: int | None = None, pad: int = 2) -> Tensor:
 
 
 def atomic_save_png(array: np.ndarray, path: Path) -> None:
+    """A PNG that appears complete or not at all (one atomic writer: ``checkpoints.atomic_output``)."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..checkpoints import atomic_output
+
+    with atomic_output(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Text that appears complete or not at all (one atomic writer: ``checkpoints.atomic_output``)."""
+    from ..checkpoints import atomic_output
+
+    with atomic_output(path, "w") as f:
+        f.write(text)
 
 
 def save_images(images: Tensor, out_dir: Path, names: list[str], grid_name: str | None = "grid.png") -> list[Path]:
