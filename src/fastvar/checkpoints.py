@@ -109,14 +109,14 @@ def check_checkpoint_file(path: str | os.PathLike, flag: str = "--weights", fix:
     if p.is_dir():
         raise CheckpointError(f"{flag} {p}: is a folder, not a checkpoint file; pass the .pth/.safetensors file "
                               "inside it")
+    denied = CheckpointError(f"{flag} {p}: permission denied (the file is not readable by this user); "
+                             f"make it readable (chmod a+r {p}) or pass a readable copy to {flag}")
     if not os.access(p, os.R_OK):
-        raise CheckpointError(f"{flag} {p}: permission denied (the file is not readable by this user); "
-                              f"make it readable (chmod a+r {p}) or pass a readable copy to {flag}")
+        raise denied
     try:
         return _sniff(p)
     except PermissionError:
-        raise CheckpointError(f"{flag} {p}: permission denied (the file is not readable by this user); "
-                              f"make it readable (chmod a+r {p}) or pass a readable copy to {flag}") from None
+        raise denied from None
     except (ValueError, OSError) as e:
         raise unreadable_checkpoint(p, short_reason(e), flag, fix) from None
 
