@@ -15,7 +15,7 @@ from .hooks import IDENTITY, Hooks
 from .kv import KVPolicy
 from .plan import AccelPlan, CacheConfig, PlanError, ResolvedPlan
 from .presets import PRESETS, get_preset, preset_for_model
-from .pruning import PlanHooks, PrunePolicy, SkipPolicy
+from .pruning import PlanHooks, PrunePolicy, SkipPolicy, plan_policies
 
 
 def _model_of(obj):
@@ -31,11 +31,22 @@ def make_hooks(model, plan: AccelPlan | str | Hooks | None, record: bool = False
         return IDENTITY
     if isinstance(plan, str):
         plan = preset_for_model(plan, model)
-    if plan.cache is not None:
-        from .caching import CachingHooks
+    return plan_engine(plan, model.depth, record=record)
 
-        return CachingHooks(plan, model.depth, record=record)
-    return PlanHooks(plan, model.depth, record=record)
+
+def plan_engine(plan: AccelPlan, depth: int, record: bool = False, similarity=None, timing: bool = True) -> Engine:
+    """The one engine for a plan: each plan field that is set contributes its policy.
+
+    Why one builder: runners, the demo and the CLI used to pick a hooks class per plan kind
+    (``PlanHooks`` or ``CachingHooks``); a new method now only adds its policy here, and every caller
+    gets it. ``similarity``: feature-caching data to decide from or calibrate into (see CachePolicy).
+    """
+    policies: list[Policy] = list(plan_policies(plan, record))
+    if plan.cache is not None:
+        from .caching import CachePolicy
+
+        policies.append(CachePolicy(plan.cache, depth, similarity))
+    return Engine(policies, depth=depth, plan=plan, timing=timing)
 
 
 def apply(model_or_pipeline, plan: AccelPlan | str | None, record: bool = False) -> Hooks:
@@ -53,6 +64,6 @@ def remove(model_or_pipeline) -> None:
 
 __all__ = [
     "AccelPlan", "CacheConfig", "PlanError", "ResolvedPlan", "Hooks", "IDENTITY", "PlanHooks",
-    "PRESETS", "get_preset", "preset_for_model", "apply", "remove", "make_hooks",
+    "PRESETS", "get_preset", "preset_for_model", "apply", "remove", "make_hooks", "plan_engine",
     "Engine", "Policy", "Recorder", "compose", "SkipPolicy", "PrunePolicy", "GuidancePolicy", "KVPolicy",
 ]
