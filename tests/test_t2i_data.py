@@ -1,0 +1,106 @@
+"""Procedural text-to-image scenes: determinism, captions, layout guarantees; detector and GenEval on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastvar.errors import UsageError
+from fastvar.eval.geneval import relative_position
+from fastvar.train.t2i_data import (
+    CATEGORIES,
+    T2I_COLOURS,
+    T2I_SHAPES,
+    ProceduralT2I,
+    nearest_colour,
+    render_scene,
+    t2i_vocabulary,
+)
+
+
+def test_scene_is_a_pure_function_of_seed_and_index():
+    a, b, c = render_scene(3, 11), render_scene(3, 11), render_scene(4, 11)
+    assert np.array_equal(a["image"], b["image"]) and a["caption"] == b["caption"] and a["objects"] == b["objects"]
+    assert not np.array_equal(a["image"], c["image"])
+    ds = ProceduralT2I(seed=3, size=64)
+    x = ds[11]
+    assert x["image"].shape == (3, 64, 64) and x["image"].dtype == torch.float32
+    assert -1.0 <= float(x["image"].min()) and float(x["image"].max()) <= 1.0
+    assert torch.equal(x["image"], ProceduralT2I(seed=3, size=64)[11]["image"])
+    imgs, caps = ds.batch([0, 1, 2])
+    assert imgs.shape == (3, 3, 64, 64) and len(caps) == 3 and caps[0] == ds[0]["caption"]
+
+
+def _caption_ok(scene) -> None:
+    """The caption names exactly the objects drawn (shapes, counts, colours it mentions, relation)."""
+    spec, objs = scene["spec"], scene["objects"]
+    assert [o[0] for o in objs] == [s for s, _ in spec.objects]
+    for (_, said), (_, drawn, _) in zip(spec.objects, objs):
+        assert said is None or said == drawn
+    words = scene["caption"].split()
+    if scene["tag"] == "counting":
+        assert {2: "two", 3: "three", 4: "four"}[len(objs)] == words[0] and len({o[1] for o in objs}) == 1
+    if scene["tag"] in ("two_object", "color_attr", "position"):
+        assert objs[0][0] != objs[1][0]
+    if scene["tag"] == "color_attr":
+        assert objs[0][1] != objs[1][1]
+
+
+def test_captions_vocabulary_layout_and_every_category():
+    vocab = set(t2i_vocabulary())
+    seen, sizes = set(), []
+    for i in range(400):
+        s = render_scene(0, i, image=False)
+        seen.add(s["tag"])
+        assert set(s["caption"].split()) <= vocab
+        assert 1 <= len(s["objects"]) <= 4
+        _caption_ok(s)
+        boxes = [o[2] for o in s["objects"]]
+        for j, a in enumerate(boxes):
+            assert 0 <= a[0] < a[2] <= 128 and 0 <= a[1] < a[3] <= 128
+            sizes.append(min(a[2] - a[0], a[3] - a[1]))
+            for b in boxes[j + 1:]:  # no overlap, with a gap of several pixels
+                gap = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+                assert gap >= 8
+        if s["tag"] == "position":
+            rel = s["spec"].relation
+            assert relative_position(boxes[0], boxes[1]) == {rel}
+            assert relative_position(boxes[1], boxes[0]) != {rel}
+    assert seen == set(CATEGORIES)
+    assert min(sizes) >= 24  # large enough for the shape templates
+
+
+def test_category_mixture_and_bad_mixtures():
+    only = ProceduralT2I(seed=1, categories=["position"])
+    assert {only[i]["tag"] for i in range(3)} == {"position"}
+    assert {render_scene(1, i, categories="position", image=False)["tag"] for i in range(50)} == {"position"}
+    tags = [render_scene(1, i, categories={"colors": 3.0, "counting": 1.0}, image=False)["tag"] for i in range(400)]
+    assert set(tags) == {"colors", "counting"} and 0.65 < tags.count("colors") / 400 < 0.85
+    # the scene drawn is the scene decided without drawing
+    assert render_scene(1, 5)["objects"] == render_scene(1, 5, image=False)["objects"]
+    with pytest.raises(UsageError, match="unknown"):
+        ProceduralT2I(categories=["colours"])
+    with pytest.raises(UsageError, match="positive sum"):
+        ProceduralT2I(categories={"colors": 0.0})
+    with pytest.raises(UsageError, match="multiple of 8"):
+        ProceduralT2I(size=100)
+
+
+def test_vocabulary_covers_the_grammar():
+    vocab = t2i_vocabulary()
+    assert vocab == sorted(set(vocab))
+    for w in (*T2I_SHAPES, *T2I_COLOURS, "rings", "crosses", "two", "four", "left", "right", "above", "below", "and"):
+        assert w in vocab
+
+
+def test_nearest_colour_keeps_var_rule_and_separates_t2i_palette():
+    assert nearest_colour((0.5, 0.9, 0.1), ("red", "blue")) == "red"  # the class-conditional R > B rule
+    assert nearest_colour((0.86, 0.14, 0.12)) == "red" and nearest_colour((0.12, 0.26, 0.88)) == "blue"
+    assert nearest_colour((0.92, 0.80, 0.12)) == "yellow" and nearest_colour((0.12, 0.70, 0.18)) == "green"
+    # blurred into a grey background the hue survives
+    grey = np.array([0.5, 0.5, 0.5])
+    for c, rgb in (("yellow", (0.92, 0.80, 0.12)), ("green", (0.12, 0.70, 0.18))):
+        assert nearest_colour(0.5 * np.array(rgb) + 0.5 * grey) == c
+    with pytest.raises(UsageError, match="unknown"):
+        nearest_colour((1, 0, 0), ("red", "magenta"))
