@@ -13,7 +13,7 @@ from .engine import Engine, Policy, Recorder, compose
 from .guidance import GuidancePolicy
 from .hooks import IDENTITY, Hooks
 from .kv import KVPolicy
-from .plan import AccelPlan, CacheConfig, PlanError, ResolvedPlan
+from .plan import AccelPlan, CacheConfig, GuidanceConfig, KVConfig, PlanError, ResolvedPlan
 from .presets import PRESETS, get_preset, preset_for_model
 from .pruning import PlanHooks, PrunePolicy, SkipPolicy, plan_policies
 
@@ -46,6 +46,10 @@ def plan_engine(plan: AccelPlan, depth: int, record: bool = False, similarity=No
         from .caching import CachePolicy
 
         policies.append(CachePolicy(plan.cache, depth, similarity))
+    if plan.guidance is not None and not plan.guidance.is_identity:
+        policies.append(GuidancePolicy.from_config(plan.guidance, strict=plan.strict))
+    if plan.kv is not None and not plan.kv.is_identity:
+        policies.append(KVPolicy(plan.kv, strict=plan.strict))
     return Engine(policies, depth=depth, plan=plan, timing=timing)
 
 
@@ -63,7 +67,7 @@ def remove(model_or_pipeline) -> None:
 
 
 __all__ = [
-    "AccelPlan", "CacheConfig", "PlanError", "ResolvedPlan", "Hooks", "IDENTITY", "PlanHooks",
+    "AccelPlan", "CacheConfig", "GuidanceConfig", "KVConfig", "PlanError", "ResolvedPlan", "Hooks", "IDENTITY", "PlanHooks",
     "PRESETS", "get_preset", "preset_for_model", "apply", "remove", "make_hooks", "plan_engine",
     "Engine", "Policy", "Recorder", "compose", "SkipPolicy", "PrunePolicy", "GuidancePolicy", "KVPolicy",
 ]

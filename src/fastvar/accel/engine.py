@@ -20,7 +20,11 @@ Dispatch rules (the contract between policies):
 - ``kv_tokens``: per scale and layer, each policy may lower the number of tokens appended.
 - ``kv_append``: each policy in order may keep a subset of what the previous one kept; the recorder
   counts the bytes kept per (scale, layer).
-- ``guidance``: a chain like ``branch``; the innermost call is the backbone's official arithmetic.
+- ``cond_only``: True from the first scale any policy asks for it (then for every later scale: the
+  backbone has dropped the unconditional rows); the recorder counts B rows instead of 2B from there.
+- ``guidance``: a chain like ``branch``; the innermost call is the backbone's official arithmetic (or,
+  with ``uncond=None`` at a conditional-only scale, a copy of ``cond``). Policies read the site
+  (``where``) from :attr:`Engine.guidance_site`.
 - ``begin_scale`` / ``end_scale`` / ``end``: every policy in order; the recorder times the scale.
 
 With no policy every call is a pass-through, so the output is bit-identical to the identity hooks.
@@ -64,6 +68,10 @@ class Policy:
         """Tokens of scale ``si`` (``n`` of them would be forwarded) that block ``layer`` appends."""
         return n
 
+    def cond_only(self, si: int) -> bool:
+        """True if scale ``si`` should forward the conditional half of the CFG batch only (see Hooks.cond_only)."""
+        return False
+
     def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
         """Blocks are about to run on scale ``si`` of size ``hw``."""
 
@@ -73,11 +81,13 @@ class Policy:
     def branch_output(self, layer: int, name: str, out: Tensor) -> None:
         """The final output of branch ``name`` of block ``layer`` at the current scale."""
 
-    def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, inner: GuidanceFn) -> Tensor:
+    def guidance(self, si: int, cond: Tensor, uncond: Tensor | None, t: float, inner: GuidanceFn) -> Tensor:
         return inner(cond, uncond, t)
 
-    def kv_append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys/values (B, H, n, c) of the current scale that block ``layer`` keeps (default: all)."""
+    def kv_append(self, layer: int, k: Tensor, v: Tensor, q: Tensor | None = None, scale: float | None = None,
+                  past: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys/values (B, H, n, c) of the current scale that block ``layer`` keeps (default: all); see
+        :meth:`fastvar.accel.hooks.Hooks.kv_append` for ``q`` / ``scale`` / ``past``."""
         return k, v
 
     def end_scale(self, si: int) -> None:
@@ -91,8 +101,8 @@ class Recorder:
     """Tokens per (scale, layer, branch), skipped scales and per-scale block time of one generation.
 
     Time: on CPU ``perf_counter`` around the blocks of each scale; on CUDA one pair of events per scale,
-    read once at the end of the generation (one synchronisation per generation, not one per scale, so
-    recording does not serialise the host with the device).
+    read when :attr:`scale_seconds` is first asked for after the generation (by then the runner's one
+    synchronisation per generation has happened, so recording never serialises the host with the device).
     """
 
     def __init__(self, timing: bool = True) -> None:
@@ -105,10 +115,46 @@ class Recorder:
         self.device = device
         self.counts: dict[tuple[int, int, str], tuple[int, int]] = {}
         self.skipped: list[int] = []
-        self.scale_seconds: dict[int, float] = {}
+        self._scale_seconds: dict[int, float] = {}
         self.kv_bytes: dict[tuple[int, int], int] = {}  # (scale, layer) -> bytes of K and V kept in the cache
+        self.kv_held: dict[tuple[int, int], int] = {}  # (scale, layer) -> bytes the layer's cache holds after it
+        self.kv_attended: dict[tuple[int, int], int] = {}  # (scale, layer) -> K/V bytes its attention reads
+        self._kv_layer: dict[int, int] = {}  # layer -> bytes held now
+        self.rows: dict[int, int] = {}  # scale -> batch rows really forwarded (B at a conditional-only scale)
         self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._t0 = 0.0
+
+    def kv_appended(self, si: int, layer: int, k: Tensor, v: Tensor, k_in: Tensor, v_in: Tensor) -> None:
+        """Count what a cache keeps of an append (``k``/``v``) and what the attention reads (held + ``k_in``).
+
+        Exact bytes from tensor sizes, not process memory: the held bytes are the cache's stored tensors
+        (with no KV policy exactly what the official code's concatenated cache holds).
+        """
+        kept = k.numel() * k.element_size() + v.numel() * v.element_size()
+        new = k_in.numel() * k_in.element_size() + v_in.numel() * v_in.element_size()
+        key = (si, layer)
+        held = self._kv_layer.get(layer, 0)
+        self.kv_attended[key] = self.kv_attended.get(key, 0) + held + new
+        self.kv_bytes[key] = self.kv_bytes.get(key, 0) + kept
+        self._kv_layer[layer] = held + kept
+        self.kv_held[key] = held + kept
+
+    def kv_summary(self) -> dict:
+        """KV bytes of the generation: held at the end, peak held (all layers together, after each scale),
+        per scale (held by all layers after it) and per layer (at the end), and the largest K/V one
+        attention call read (held + the whole current scale, a transient)."""
+        per_scale: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for (si, layer), b in sorted(self.kv_held.items()):
+            last[layer] = b
+            per_scale[si] = sum(last.values())
+        return {
+            "kv_bytes": sum(self._kv_layer.values()),
+            "kv_peak_bytes": max(per_scale.values(), default=0),
+            "kv_bytes_per_scale": {str(si): b for si, b in per_scale.items()},
+            "kv_bytes_per_layer": {str(layer): b for layer, b in sorted(self._kv_layer.items())},
+            "kv_attended_peak_bytes": max(self.kv_attended.values(), default=0),
+        }
 
     @property
     def _cuda(self) -> bool:
@@ -130,15 +176,21 @@ class Recorder:
         if self._cuda:
             self._events[si][1].record()
         else:
-            self.scale_seconds[si] = time.perf_counter() - self._t0
+            self._scale_seconds[si] = time.perf_counter() - self._t0
 
     def end(self) -> None:
+        """Nothing waits here: CUDA events are read by :attr:`scale_seconds`."""
+
+    @property
+    def scale_seconds(self) -> dict[int, float]:
+        """Block seconds per executed scale (CUDA: waits for the last scale's event if it has not completed)."""
         if self._events:
             last = max(self._events)
-            self._events[last][1].synchronize()
+            self._events[last][1].synchronize()  # a no-op once the runner has synchronised
             for si, (a, b) in sorted(self._events.items()):
-                self.scale_seconds[si] = a.elapsed_time(b) / 1000.0
+                self._scale_seconds[si] = a.elapsed_time(b) / 1000.0
             self._events = {}
+        return self._scale_seconds
 
 
 class Engine(Hooks):
@@ -172,6 +224,8 @@ class Engine(Hooks):
         self.recorder.begin(sizes, batch, device)
         self.planned_skip = frozenset()
         self._begun = True
+        self._cond_from: int | None = None
+        self.guidance_site = "logits"
         for p in self.policies:
             p.begin(self)
             self.planned_skip = self.planned_skip | p.planned_skip()
@@ -193,8 +247,18 @@ class Engine(Hooks):
             total += n
         return total
 
+    def cond_only(self, si: int) -> bool:
+        if getattr(self, "_cond_from", None) is not None:
+            return True
+        if any([p.cond_only(si) for p in self.policies]):
+            self._cond_from = si
+            return True
+        return False
+
     def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
         self.si, self.hw = si, tuple(hw)
+        half = getattr(self, "_cond_from", None) is not None
+        self.recorder.rows[si] = self.batch // 2 if half else self.batch
         for p in self.policies:
             p.begin_scale(si, self.hw)
         self.recorder.begin_scale(si)
@@ -215,18 +279,24 @@ class Engine(Hooks):
             p.branch_output(layer, name, out)
         return out
 
-    def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, combine: GuidanceFn) -> Tensor:
-        inner = combine
+    def guidance(self, si: int, cond: Tensor, uncond: Tensor | None, t: float, combine: GuidanceFn,
+                 where: str = "logits") -> Tensor:
+        self.guidance_site = where
+
+        def innermost(c: Tensor, u: Tensor | None, w: float) -> Tensor:
+            return c.clone() if u is None else combine(c, u, w)
+
+        inner: GuidanceFn = innermost
         for p in reversed(self.policies):
             inner = _bind_guidance(p, si, inner)
         return inner(cond, uncond, t)
 
-    def kv_append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def kv_append(self, layer: int, k: Tensor, v: Tensor, q: Tensor | None = None, scale: float | None = None,
+                  past: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        kin, vin = k, v
         for p in self.policies:
-            k, v = p.kv_append(layer, k, v)
-        key = (self.si, layer)
-        rec = self.recorder.kv_bytes
-        rec[key] = rec.get(key, 0) + k.numel() * k.element_size() + v.numel() * v.element_size()
+            k, v = p.kv_append(layer, k, v, q=q, scale=scale, past=past)
+        self.recorder.kv_appended(self.si, layer, k, v, kin, vin)
         return k, v
 
     def end_scale(self, si: int) -> None:
@@ -280,7 +350,7 @@ def compose(*policies: Policy | None, depth: int, plan=None, timing: bool = True
     return Engine([p for p in policies if p is not None], depth=depth, plan=plan, timing=timing)
 
 
-__all__ = ["Policy", "Recorder", "Engine", "compose", "Backbone"]
+__all__ = ["Policy", "Recorder", "Engine", "compose", "Backbone", "noop_engine"]
 
 
 @runtime_checkable
@@ -299,3 +369,29 @@ class Backbone(Protocol):
     hooks: Hooks
 
     def flop_dims(self) -> FlopDims: ...
+
+    # The caching API the HART caching extension documents on the model (fastvar.accel.caching.CachingAPI).
+    def set_cache_config(self, cfg, record: bool = False) -> Hooks: ...
+
+    def get_cache_statistics(self) -> dict: ...
+
+    def save_similarity_data(self, path=None): ...
+
+
+def noop_engine(depth: int, timing: bool = True) -> Engine:
+    """Every policy present at its no-op setting: skip, prune (an empty plan), cache (an empty config),
+    guidance (no weight, no conditional-only scale) and KV (keep everything).
+
+    Why: the engine's own cost (dispatch through every hook point of every policy, the recorder) must
+    stay small against no plan at all (target <= 3 %), and its output must equal the plain model's bit
+    for bit; this engine is what both checks run.
+    """
+    from .caching import CachePolicy
+    from .guidance import GuidancePolicy
+    from .kv import KVPolicy
+    from .plan import AccelPlan, CacheConfig
+    from .pruning import PrunePolicy, SkipPolicy
+
+    noop = AccelPlan(name="noop-all", description="every policy present at its no-op setting (overhead check)")
+    return Engine([SkipPolicy(noop), PrunePolicy(noop), CachePolicy(CacheConfig(), depth), GuidancePolicy(),
+                   KVPolicy({"#-1": 1.0})], depth=depth, plan=noop, timing=timing)

@@ -41,6 +41,16 @@ class Hooks:
         """True if scale ``si`` must not be forwarded at all (no blocks, no sampling, no RNG draw)."""
         return False
 
+    def cond_only(self, si: int) -> bool:
+        """True if scale ``si`` (and every later one) forwards only the conditional half of the CFG batch.
+
+        Asked by a backbone running classifier-free guidance before it builds the inputs of each executed
+        scale, until the answer is True; from then on it forwards B rows instead of 2B (inputs,
+        conditioning, text keys) and drops the unconditional rows of its KV caches for good, and calls
+        ``guidance`` with ``uncond=None``. Never asked without CFG. The identity never asks for it.
+        """
+        return False
+
     def begin_scale(self, si: int, hw: tuple[int, int]) -> None:
         """Called before the blocks run on the tokens of scale ``si`` of size ``hw``."""
 
@@ -55,20 +65,32 @@ class Hooks:
     def branch(self, layer: int, name: str, x: Tensor, fn: BranchFn) -> Tensor:
         return fn(x, None)
 
-    def guidance(self, si: int, cond: Tensor, uncond: Tensor, t: float, combine: GuidanceFn) -> Tensor:
-        """Where scale ``si`` combines its conditional and unconditional logits.
+    def guidance(self, si: int, cond: Tensor, uncond: Tensor | None, t: float, combine: GuidanceFn,
+                 where: str = "logits") -> Tensor:
+        """Where scale ``si`` combines its conditional and unconditional outputs.
 
         ``t`` is the backbone's guidance weight at this scale and ``combine`` its official arithmetic
         (the backbone keeps its own op order, so the identity is bit-exact); a policy may call
-        ``combine`` with another weight or other inputs.
+        ``combine`` with another weight or other inputs. ``where`` names the site: "logits" (every
+        family), "hidden:<layer>" (Infinity's ``cfg_insertion_layer`` mixes hidden states after a block),
+        "diffusion" (HART's diffusion head, once per denoising step, on the predicted noise).
+        ``uncond`` is None at a conditional-only scale (see :meth:`cond_only`): the result must then come
+        from ``cond`` (or from what a policy kept of an earlier scale). The result may be sampled from in
+        place: never return a view of a tensor the backbone still needs.
         """
+        if uncond is None:
+            return cond.clone()
         return combine(cond, uncond, t)
 
-    def kv_append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def kv_append(self, layer: int, k: Tensor, v: Tensor, q: Tensor | None = None, scale: float | None = None,
+                  past: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """What block ``layer`` keeps in its KV cache of the (B, H, n, c) keys/values it appends now.
 
         The identity keeps everything by returning its inputs (the cache then rewrites nothing); a
-        policy returns new tensors with fewer tokens. The current scale still attends to all of them.
+        policy returns new tensors with fewer tokens (the same count for every head, possibly a different
+        subset per head; zero tokens to keep nothing). The current scale still attends to all of them.
+        Backbones also pass the current queries ``q`` (B, H, Lq, c), the attention ``scale`` and the keys
+        held so far ``past`` (or None), so a policy can score keys by the attention they receive.
         """
         return k, v
 

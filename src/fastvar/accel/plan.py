@@ -8,6 +8,7 @@ and depth at the start of every generation (Infinity changes schedule with the a
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -128,6 +129,218 @@ def _stage_index(schedule: Schedule, ref: str) -> int:
     )
 
 
+_SCALE_REF = re.compile(r"^(#-?\d+|i\d+|t?\d+|\d+x\d+)$")
+REUSE_MODES = ("direction", "uncond")
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance per scale (executed by :class:`fastvar.accel.guidance.GuidancePolicy`).
+
+    Scale refs are pruning refs ("13" = the scale whose larger side is 13, "t169", "13x13", "#8") plus
+    "#-k" (the k-th scale from the end: presets use it so they follow every schedule).
+
+    cond_only_from: from this scale on the backbone forwards the conditional half of the batch only
+        (B rows instead of 2B: inputs, conditioning and KV caches narrowed; the scales pay once instead of
+        twice) and samples from the conditional logits (or, with ``reuse_uncond``, from a guided result).
+    weights: scale ref -> guidance weight in the backbone's own units (VAR/HART: t in (1+t)·c − t·u, after
+        VAR's ramp; Infinity: c in c·cond + (1−c)·uncond), replacing the backbone's weight at that scale.
+    reuse_uncond: at conditional-only scales, keep guiding with what the last scale that ran both halves
+        produced, resized to the current scale (bilinear): ``true`` / "direction" reuses the guidance
+        direction cond − uncond (uncond ≈ cond − resize(direction)); "uncond" reuses the unconditional
+        logits themselves (uncond ≈ resize(uncond)). ``false``: no guidance at those scales.
+    """
+
+    cond_only_from: str | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    reuse_uncond: bool | str = False
+
+    def __post_init__(self) -> None:
+        if self.cond_only_from is not None:
+            self.cond_only_from = str(self.cond_only_from).strip()
+        if not isinstance(self.weights, dict):
+            raise PlanError(f"guidance.weights must be an object of scale ref -> weight (e.g. {{\"16\": 1.0}}), "
+                            f"not {type(self.weights).__name__}")
+        w: dict[str, float] = {}
+        for k, v in self.weights.items():
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise PlanError(f"guidance.weights[{k!r}] is {v!r}; give a number (the backbone's guidance weight)") from None
+            if not math.isfinite(f):
+                raise PlanError(f"guidance.weights[{k!r}] is {v}; give a finite number")
+            w[str(k).strip()] = f
+        self.weights = w
+        self.validate()
+
+    @property
+    def reuse_mode(self) -> str | None:
+        """"direction", "uncond" or None (no reuse)."""
+        r = self.reuse_uncond
+        if r is True:
+            return "direction"
+        return None if r is False or r is None else str(r)
+
+    def validate(self) -> None:
+        refs = ([self.cond_only_from] if self.cond_only_from is not None else []) + list(self.weights)
+        bad = [r for r in refs if not _SCALE_REF.match(r.lower())]
+        if bad:
+            field_name = "guidance.cond_only_from" if self.cond_only_from in bad else "guidance.weights"
+            raise PlanError(f"{field_name}: scale ref(s) {bad} are not understood; use a side ('13'), 't169', "
+                            "a size ('13x13') or an index ('#8', '#-2' = second to last)")
+        r = self.reuse_uncond
+        if not (isinstance(r, bool) or r is None or r in REUSE_MODES):
+            raise PlanError(f"guidance.reuse_uncond is {r!r}; use true/false or one of {REUSE_MODES}")
+        if self.reuse_mode is not None and self.cond_only_from is None:
+            raise PlanError("guidance.reuse_uncond is set but guidance.cond_only_from is not; name the scale "
+                            "from which only the conditional half runs (e.g. \"cond_only_from\": \"#-2\")")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.cond_only_from is None and not self.weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cond_only_from": self.cond_only_from, "weights": dict(self.weights), "reuse_uncond": self.reuse_uncond}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuidanceConfig:
+        if not isinstance(d, dict):
+            raise PlanError(f"plan field guidance must be an object like {{\"cond_only_from\": \"#-2\"}}, "
+                            f"not {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"unknown guidance field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+KV_SCORES = ("attn", "dist", "grid", "mix")
+_KV_REF = re.compile(r"^(#-?\d+|i\d+|t?\d+|\d+x\d+)$")
+
+
+@dataclass
+class KVConfig:
+    """KV-cache compression: how many of each scale's keys/values every layer keeps for later scales.
+
+    keep: scale ref -> fraction of that scale's tokens kept (in [0, 1]; 1 or absent = all). Refs as in
+        pruning ("13" = side 13, "t169", "13x13", "#8"), plus "#-k" = k-th scale from the end, so a
+        budget written by position follows any schedule. With ``drafters`` set these are the drafter
+        layers' budgets.
+    refiner_keep: the refiner layers' fractions (ScaleKV: layers whose attention stays on the current
+        map need little history): a number = the same fraction at every scale ``keep`` names, a map =
+        per scale ref, None = as ``keep``. Only used with ``drafters``.
+    drafters: the layers that keep ``keep`` (ScaleKV's drafters: broad attention over earlier scales);
+        every other layer in ``layers`` is a refiner. A list = the same layers at every scale, a map
+        scale ref -> list = per scale (what :func:`fastvar.accel.kv.calibrate_drafters` writes), None =
+        no split (every layer keeps ``keep``).
+    layers: half-open [start, end) of the blocks that compress (None = all); others keep everything.
+    per_head: each head keeps its own subset of the scale's tokens (HACK: heads attend differently);
+        False = one subset per layer shared by the heads. Every head keeps the same count.
+    score: which tokens are kept: "attn" = the most attended by the scale's own queries (falls back
+        to "dist" where a backbone gives no queries), "dist" = keys farthest from the scale's mean key,
+        "grid" = a spatially even subset (ordered dithering; shifted per head with ``per_head``),
+        "mix" = half the budget by "attn", the rest spread by "grid".
+    keep_last: store the last scale's keys/values. No later scale reads them, so False changes no
+        output; it only frees memory (True = what the official code holds).
+    """
+
+    keep: dict[str, float] = field(default_factory=dict)
+    refiner_keep: dict[str, float] | float | None = None
+    drafters: list[int] | dict[str, list[int]] | None = None
+    layers: tuple[int, int] | None = None
+    per_head: bool = True
+    score: str = "attn"
+    keep_last: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep, dict):
+            raise PlanError(f"kv.keep must be a map scale ref -> fraction, e.g. {{\"#-2\": 0.25}}; got {self.keep!r}")
+        self.keep = {str(k).strip(): _kv_fraction(f"kv.keep[{k!r}]", v) for k, v in self.keep.items()}
+        if isinstance(self.refiner_keep, dict):
+            self.refiner_keep = {str(k).strip(): _kv_fraction(f"kv.refiner_keep[{k!r}]", v)
+                                 for k, v in self.refiner_keep.items()}
+        elif self.refiner_keep is not None:
+            self.refiner_keep = _kv_fraction("kv.refiner_keep", self.refiner_keep)
+        if isinstance(self.drafters, dict):
+            self.drafters = {str(k).strip(): _kv_layers(f"kv.drafters[{k!r}]", v) for k, v in self.drafters.items()}
+        elif self.drafters is not None:
+            self.drafters = _kv_layers("kv.drafters", self.drafters)
+        if self.layers is not None:
+            try:
+                self.layers = (int(self.layers[0]), int(self.layers[1]))
+            except (TypeError, ValueError, IndexError):
+                raise PlanError(f"kv.layers {self.layers!r} is not a [start, end) pair; give e.g. [0, 16] "
+                                "or null for every layer") from None
+        self.validate()
+
+    def validate(self) -> None:
+        refs = list(self.keep)
+        if isinstance(self.refiner_keep, dict):
+            refs += list(self.refiner_keep)
+        if isinstance(self.drafters, dict):
+            refs += list(self.drafters)
+        bad = [r for r in refs if not _KV_REF.match(r.lower())]
+        if bad:
+            raise PlanError(f"kv scale ref(s) {bad} are not understood; use a side ('13'), 't169', '13x13', "
+                            "an index ('#8') or an index from the end ('#-2')")
+        if self.layers is not None:
+            a, b = self.layers
+            if a < 0 or b <= a:
+                raise PlanError(f"kv.layers {list(self.layers)} is empty or negative; give [start, end) with "
+                                "0 <= start < end, or null for every layer")
+        if self.score not in KV_SCORES:
+            raise PlanError(f"kv.score {self.score!r} is unknown; choose one of {KV_SCORES}")
+        for name in ("per_head", "keep_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"kv.{name} must be true or false; got {getattr(self, name)!r}")
+        if self.refiner_keep is not None and self.drafters is None:
+            raise PlanError("kv.refiner_keep is set but kv.drafters is not; name the drafter layers (a list, or a "
+                            "map scale ref -> list from `calibrate_drafters`) or drop refiner_keep")
+
+    @property
+    def is_identity(self) -> bool:
+        """Keeps every token of every scale (output and memory as without the field)."""
+        rk = self.refiner_keep
+        rk_vals = list(rk.values()) if isinstance(rk, dict) else ([] if rk is None else [rk])
+        return self.keep_last and all(v == 1.0 for v in [*self.keep.values(), *rk_vals])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVConfig:
+        if not isinstance(d, dict):
+            raise PlanError(f"plan field kv must be an object like {{\"keep\": {{\"#-2\": 0.25}}}}; got {d!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"unknown kv field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+def _kv_fraction(name: str, v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise PlanError(f"{name} is {v!r}; give a fraction in [0, 1] of the scale's tokens to keep") from None
+    if not 0.0 <= f <= 1.0:
+        raise PlanError(f"{name} is {f}; give a fraction in [0, 1] of the scale's tokens to keep (1 keeps all)")
+    return f
+
+
+def _kv_layers(name: str, v: Any) -> list[int]:
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise PlanError(f"{name} is {v!r}; give a list of layer indices, e.g. [0, 3]")
+    out = []
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise PlanError(f"{name} has {x!r}; layer indices are whole numbers >= 0")
+        out.append(int(x))
+    return sorted(set(out))
+
+
 @dataclass
 class AccelPlan:
     """Per-scale keep ratios, the layers and branches they apply to, and where restored tokens come from.
@@ -141,6 +354,9 @@ class AccelPlan:
     skip: scales that are not forwarded at all.
     strict: if False, refs that the current schedule lacks are ignored (presets use this so one preset
         serves every resolution); if True they are an error.
+    kv: KV-cache compression budgets per scale and layer (see :class:`KVConfig`).
+    guidance: classifier-free guidance per scale (conditional-only scales, per-scale weights, reuse of
+        the unconditional output; see :class:`GuidanceConfig`).
     """
 
     name: str = "custom"
@@ -152,6 +368,8 @@ class AccelPlan:
     skip: tuple[str, ...] = ()
     strict: bool = True
     cache: CacheConfig | None = None
+    kv: KVConfig | None = None
+    guidance: GuidanceConfig | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -164,6 +382,10 @@ class AccelPlan:
             self.cache_scale = str(self.cache_scale)
         if isinstance(self.cache, dict):
             self.cache = CacheConfig.from_dict(self.cache)
+        if self.kv is not None and not isinstance(self.kv, KVConfig):
+            self.kv = KVConfig.from_dict(self.kv)
+        if self.guidance is not None and not isinstance(self.guidance, GuidanceConfig):
+            self.guidance = GuidanceConfig.from_dict(self.guidance)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -182,10 +404,16 @@ class AccelPlan:
                 raise PlanError(f"layer range {self.layers} is empty or negative; give [start, end) with 0 <= start < end")
         if self.cache is not None:
             self.cache.validate()
+        if self.kv is not None:
+            self.kv.validate()
+        if self.guidance is not None:
+            self.guidance.validate()
 
     @property
     def is_identity(self) -> bool:
-        return all(v == 1.0 for v in self.keep.values()) and not self.skip and self.cache is None
+        return (all(v == 1.0 for v in self.keep.values()) and not self.skip and self.cache is None
+                and (self.kv is None or self.kv.is_identity)
+                and (self.guidance is None or self.guidance.is_identity))
 
     # ------------------------------------------------------------------ resolution
     def resolve(self, schedule: Schedule, depth: int) -> ResolvedPlan:
@@ -248,6 +476,10 @@ class AccelPlan:
         d["skip"] = list(self.skip)
         if self.cache is not None:
             d["cache"] = self.cache.to_dict()
+        if self.kv is not None:
+            d["kv"] = self.kv.to_dict()
+        if self.guidance is not None:
+            d["guidance"] = self.guidance.to_dict()
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:

@@ -1,133 +1,315 @@
-"""Named plans. Each preset is a function of the family, the schedule's last side and the depth, so the
-same name means the same *intent* on every backbone and resolution.
+"""Named plans. A preset is a function of the backbone's family, the schedule it runs on and its depth
+(:func:`preset_for_model` reads them from the model: the ``Backbone`` contract), so one name means the
+same *intent* on every backbone, resolution and aspect ratio, and is rebuilt for every generation's
+schedule (Infinity changes schedule with ``--pn`` / ``--aspect``).
+
+How a preset follows the schedule (the FastVAR principle: the largest scales are the cost and their
+tokens have mostly converged, so those are the ones pruned, and the largest of all are skipped
+outright where the paper skips them). Every table below is written as *positions counted back from the
+end of the schedule* (``-1`` = the last, largest scale):
+
+- **Infinity** (paper/official code, 1024² 1:1: keep 60 % at 32², 50 % at 40², skip 48² and 64², cache
+  from 24², blocks 3–27 of 32): positions -4 (keep 60 %), -3 (50 %), -2 and -1 skipped, cache -5.
+  Infinity's official budgets (0.25M, 0.60M, 1M) are prefixes of one 13-scale template per aspect ratio,
+  and the official code names 1:1 template scales (32, 40, 48, 64 = template positions -4…-1), so on an
+  official budget the positions count back from the *template's* end: 1:1 0.25M (…, 24, 32) keeps 60 % of
+  32² and skips nothing, 0.60M (…, 40, 48) prunes 32²/40² and skips 48², 1M is the published table — exactly
+  the official code — and every other aspect ratio of those budgets gets the same template positions (the
+  official code keys on widths and silently does nothing on most of them). Schedules that are not such a
+  prefix count back from their own last scale: the zero-shot 2K schedule (…, 48, 64, 96, 128) prunes 48²
+  and 64² and skips 96² and 128² (not 48²/64² in the middle while 96²/128² run in full), 0.06M and custom
+  schedule likewise. A custom (non-template) Infinity schedule, e.g. embedded-t2i's 1…16, gets VAR's
+  table below on its own largest scales (cross-attention pruned too): the 1024² table is written for
+  Infinity's templates.
+- **HART** (paper, 1024²: keep 50 % at 48², 25 % at 64², cache 36², every block): positions -2 (50 %),
+  -1 (25 %), cache -3 — the published table on HART 1024, the same positions on any other schedule.
+- **VAR** (the paper has no VAR row; our analogue): prune -2 (60 %) and -1 (50 %), cache -3 — on VAR 256
+  (…, 10, 13, 16) and 512 (…, 18, 24, 32) as before, and on any other VAR schedule (other last sides,
+  the embedded model's) the same positions.
+
+Layer bands are fractions of the depth: Infinity's published 3–27 of 32 blocks becomes
+``round(3·d/32) … round(28·d/32)`` (the same band for VAR; HART prunes every block). A schedule too short
+for a preset's table is a one-line :class:`PlanError`; no preset resolves to a plan that changes
+nothing (``none`` and ``identity`` are no-ops by definition).
 
 Intent of each name:
 - ``none``: no plan (everything forwarded); the reference for every comparison.
 - ``identity``: the engine's hooks run and record, but keep every token; measures the engine's overhead.
-- ``fastvar``: the published settings. Infinity 1024²: keep 60 % at 32², 50 % at 40², skip 48² and 64²,
-  layers 3–27. HART 1024²: keep 50 % at 48², 25 % at 64², every layer. VAR (our analogue, the paper
-  has no VAR row): prune the two largest scales (60 % / 50 %), caching the third largest, in the middle
-  ~78 % of the blocks (the same 3/32…28/32 band as Infinity, rescaled to the depth).
-- ``fastvar-mild``: the same scales at 80 % / 70 %; for when fidelity matters more than speed.
-- ``fastvar-strong``: also prunes the third largest scale, and keeps 40 % / 25 % of the two largest.
-- ``skip-last``: scale skipping only: the largest scale is not forwarded (Infinity: the two largest).
+- ``fastvar``: the tables above.
+- ``fastvar-mild``: fastvar's pruned scales at 80 % / 70 %, nothing skipped; for when fidelity matters more.
+- ``fastvar-strong``: one more scale pruned (60 %), and 40 % / 30 % (Infinity) or 40 % / 25 % of the next
+  two; Infinity still skips its last two.
+- ``skip-last``: scale skipping only: the largest scale is not forwarded (Infinity: the two largest),
+  always counted from the schedule's own end.
+- ``cfg-cut``: classifier-free guidance cut: the last scales of the schedule (by position, ``#-2`` on) forward
+  the conditional half of the batch only (see :mod:`fastvar.accel.guidance`).
+- ``turbo``: see :func:`_turbo`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+from ..schedules import VAR_PATCH_NUMS, Schedule
 from .plan import AccelPlan, PlanError
 
 FAMILIES = ("var", "infinity", "hart")
 
-
-def _var_layers(depth: int) -> tuple[int, int]:
-    return (round(3 * depth / 32), max(round(28 * depth / 32), round(3 * depth / 32) + 1))
-
-
-_VAR_SIDES = {16: [8, 10, 13, 16], 32: [13, 18, 24, 32]}
+HART_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+_INFINITY_PN_BY_SIDE = {16: "0.06M", 32: "0.25M", 48: "0.60M", 64: "1M", 128: "2K"}
 
 
-def _sides(last_side: int, family: str, sides: tuple[int, ...] | None = None) -> list[int]:
-    """The largest scales of each family's schedule ending at ``last_side``, largest last (``sides``: a
-    non-standard VAR schedule's own largest sides, e.g. a small trained model's)."""
-    if family == "var" and sides:
-        return list(sides)
+def _band(depth: int) -> tuple[int, int]:
+    """The published Infinity block band 3–27 of 32 as a fraction of ``depth`` (at least one block)."""
+    a = round(3 * depth / 32)
+    return (a, max(round(28 * depth / 32), a + 1))
+
+
+_var_layers = _band  # the old name (VAR used the band first)
+
+
+def default_schedule(family: str, last_side: int, sides: tuple[int, ...] | None = None) -> Schedule:
+    """The schedule a family's preset is written for when no model is at hand (``fastvar plan``):
+    VAR 256/512 by last side 16/32 (``sides``: a custom VAR schedule's sides), the 1:1 Infinity budget
+    ending at ``last_side`` (16 0.06M, 32 0.25M, 48 0.60M, 64 1M, 128 2K), HART 1024."""
+    if family not in FAMILIES:
+        raise PlanError(f"unknown model family {family!r}; known: {FAMILIES}")
+    if sides:
+        return Schedule.square(sides)
     if family == "var":
-        table = _VAR_SIDES
-        if last_side not in table:
-            raise PlanError(f"no VAR preset for a schedule ending at {last_side}; VAR schedules end at 16 or 32")
-        return table[last_side]
+        by_side = {pn[-1]: pn for pn in VAR_PATCH_NUMS.values()}
+        if last_side not in by_side:
+            raise PlanError(f"no default VAR schedule ending at {last_side} (VAR 256/512 end at 16/32); pass the "
+                            "model's schedule (preset_for_model) or its sides")
+        return Schedule.square(by_side[last_side])
     if family == "hart":
-        return [27, 36, 48, 64]
-    return [20, 24, 32, 40, 48, 64]
+        if last_side != HART_1024[-1]:
+            raise PlanError(f"no default HART schedule ending at {last_side} (HART 1024 ends at 64); pass the "
+                            "model's schedule (preset_for_model)")
+        return Schedule.square(HART_1024)
+    if last_side not in _INFINITY_PN_BY_SIDE:
+        raise PlanError(f"no 1:1 Infinity budget ends at {last_side} (sides {sorted(_INFINITY_PN_BY_SIDE)}); pass "
+                        "the model's schedule (preset_for_model)")
+    from ..schedules_infinity import infinity_schedule
+
+    return infinity_schedule("1:1", _INFINITY_PN_BY_SIDE[last_side])
 
 
-def _fastvar(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
+@functools.lru_cache(maxsize=1)
+def _infinity_official_prefixes() -> dict[tuple[tuple[int, int], ...], int]:
+    """Schedules of Infinity's official 0.25M/0.60M/1M budgets (every aspect ratio) -> template length."""
+    from ..schedules_infinity import INFINITY_ASPECTS, infinity_schedule
+
+    out = {}
+    for aspect in INFINITY_ASPECTS:
+        full = infinity_schedule(aspect, "1M").sizes
+        for pn in ("0.25M", "0.60M", "1M"):
+            out[infinity_schedule(aspect, pn).sizes] = len(full)
+    return out
+
+
+def _rule(family: str, schedule: Schedule) -> str:
+    """Which family's table a schedule follows: Infinity templates Infinity's, custom Infinity schedules VAR's."""
     if family == "infinity":
-        return AccelPlan(
-            name="fastvar", keep={"32": 0.6, "40": 0.5}, skip=("48", "64"), layers=(3, 28),
-            branches=("attn", "cross", "ffn"), cache_scale="24", interp="area", strict=False,
-            description="FastVAR paper settings for Infinity 1024²",
-        )
-    if family == "hart":
-        return AccelPlan(
-            name="fastvar", keep={"48": 0.5, "64": 0.25}, branches=("attn", "ffn"), cache_scale="36",
-            interp="area", strict=False, description="FastVAR paper settings for HART 1024²",
-        )
-    s = _sides(last_side, "var", sides)
+        from ..schedules_infinity import is_template_schedule
+
+        return "infinity" if is_template_schedule(schedule) else "var"
+    return family
+
+
+def _anchor(family: str, schedule: Schedule) -> int:
+    """Where position -1 of the tables sits, as an index + 1: the template end on official Infinity budgets,
+    the schedule's own end otherwise (see the module docstring)."""
+    if family == "infinity":
+        return _infinity_official_prefixes().get(tuple(schedule.sizes), len(schedule))
+    return len(schedule)
+
+
+class _Layout:
+    """Scale refs for positions counted back from an anchor; positions past the schedule's end are dropped."""
+
+    def __init__(self, name: str, family: str, schedule: Schedule, anchor: int | None = None) -> None:
+        self.name, self.family, self.schedule = name, family, schedule
+        self.n = len(schedule)
+        self.anchor = _anchor(family, schedule) if anchor is None else anchor
+        self.square = all(h == w for h, w in schedule.sizes)
+
+    def index(self, pos: int) -> int | None:
+        i = self.anchor + pos
+        if i < 0:
+            raise PlanError(f"preset {self.name!r} ({self.family}) needs at least {-pos + 1} scales; this schedule "
+                            f"has {self.n} ({self.schedule.describe()}); use a longer schedule or a custom plan")
+        return i if i < self.n else None
+
+    def ref(self, pos: int) -> str | None:
+        i = self.index(pos)
+        if i is None:
+            return None
+        h, w = self.schedule[i]
+        return str(h) if self.square else f"{h}x{w}"
+
+    def keep(self, table: dict[int, float]) -> dict[str, float]:
+        return {r: v for p, v in table.items() if (r := self.ref(p)) is not None}
+
+    def refs(self, positions) -> tuple[str, ...]:
+        return tuple(r for p in positions if (r := self.ref(p)) is not None)
+
+
+# The tables, as positions from the end (see the module docstring), keyed by the rule a schedule follows
+# (:func:`_rule`). Infinity's skip count is the paper's (its last two scales); VAR and HART skip nothing.
+_TABLES = {
+    "infinity": dict(keep={-4: 0.6, -3: 0.5}, skip=(-2, -1), cache=-5),
+    "hart": dict(keep={-2: 0.5, -1: 0.25}, skip=(), cache=-3),
+    "var": dict(keep={-2: 0.6, -1: 0.5}, skip=(), cache=-3),
+}
+_STRONG = {
+    "infinity": dict(keep={-5: 0.6, -4: 0.4, -3: 0.3}, cache=-6),
+    "hart": dict(keep={-3: 0.6, -2: 0.4, -1: 0.25}, cache=-4),
+    "var": dict(keep={-3: 0.6, -2: 0.4, -1: 0.25}, cache=-4),
+}
+_BRANCHES = {"infinity": ("attn", "cross", "ffn"), "hart": ("attn", "ffn"), "var": ("attn", "ffn")}
+
+
+def _layers(family: str, depth: int) -> tuple[int, int] | None:
+    return None if family == "hart" else _band(depth)
+
+
+def _table_plan(name: str, family: str, schedule: Schedule, depth: int, keep: dict[int, float],
+                skip: tuple[int, ...], cache_pos: int, description: str, anchor: int | None = None,
+                **extra) -> AccelPlan:
+    """A plan from a table (positions from the anchor); ``cache_pos``: the position of the restore cache."""
+    lay = _Layout(name, family, schedule, anchor)
+    for p in (cache_pos, *keep, *skip):
+        lay.index(p)  # too short a schedule -> one-line error
+    kept = lay.keep(keep)
     return AccelPlan(
-        name="fastvar", keep={str(s[2]): 0.6, str(s[3]): 0.5}, layers=_var_layers(depth),
-        branches=("attn", "ffn"), cache_scale=str(s[1]), strict=False,
-        description="FastVAR analogue for VAR: prune the two largest scales",
+        name=name, keep=kept, skip=lay.refs(skip), layers=_layers(family, depth), branches=_BRANCHES[family],
+        cache_scale=lay.ref(cache_pos) if kept else None, interp="area", strict=False, description=description, **extra,
     )
 
 
-def _mild(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
-    p = _fastvar(family, last_side, depth, sides)
-    ks = sorted(p.keep, key=int)
-    p.keep = {ks[0]: 0.8, ks[1]: 0.7}
-    p.skip = ()
-    p.name, p.description = "fastvar-mild", "fastvar's scales, more tokens kept, nothing skipped"
-    return p
+def _fastvar(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    rule = _rule(family, schedule)
+    t = _TABLES[rule]
+    what = {"infinity": "FastVAR paper settings (Infinity 1024² table, by position)",
+            "hart": "FastVAR paper settings (HART 1024² table, by position)",
+            "var": "FastVAR analogue: prune the two largest scales"}[rule]
+    return _table_plan("fastvar", family, schedule, depth, t["keep"], t["skip"], t["cache"], what)
 
 
-def _strong(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
-    p = _fastvar(family, last_side, depth, sides)
-    s = _sides(last_side, family, sides)
-    if family == "infinity":
-        p.keep, p.cache_scale = {"24": 0.6, "32": 0.4, "40": 0.3}, "20"
-    else:
-        p.keep, p.cache_scale = {str(s[1]): 0.6, str(s[2]): 0.4, str(s[3]): 0.25}, str(s[0])
-    p.name, p.description = "fastvar-strong", "prune one more scale and keep fewer tokens"
-    return p
+def _mild(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    t = _TABLES[_rule(family, schedule)]
+    lo, hi = sorted(t["keep"])
+    return _table_plan("fastvar-mild", family, schedule, depth, {lo: 0.8, hi: 0.7}, (), t["cache"],
+                       "fastvar's scales, more tokens kept, nothing skipped")
 
 
-def _skip_last(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
-    s = _sides(last_side, family, sides)
-    skip = ("48", "64") if family == "infinity" else (str(s[-1]),)
-    return AccelPlan(name="skip-last", skip=skip, strict=False, description="scale skipping only")
+def _strong(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    rule = _rule(family, schedule)
+    s = _STRONG[rule]
+    return _table_plan("fastvar-strong", family, schedule, depth, s["keep"], _TABLES[rule]["skip"], s["cache"],
+                       "prune one more scale and keep fewer tokens")
 
 
-def _none(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
+def _skip_last(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    lay = _Layout("skip-last", family, schedule, anchor=len(schedule))  # always the schedule's own end
+    positions = (-2, -1) if _rule(family, schedule) == "infinity" else (-1,)
+    lay.index(positions[0] - 1)  # the first scale is never skipped
+    return AccelPlan(name="skip-last", skip=lay.refs(positions), strict=False, description="scale skipping only")
+
+
+CFG_CUT_FROM = "#-2"
+"""Where ``cfg-cut`` starts forwarding the conditional half only: a position counted from the end of the
+schedule (the last two scales: 62 % of the tokens of VAR's 16² schedule), so it follows every schedule
+and never silently becomes a no-op. Chosen on the embedded model (seeds 0/1, benchmarks/embedded_cfgcut.json)."""
+
+
+def _cfg_cut(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    return AccelPlan(
+        name="cfg-cut", guidance={"cond_only_from": CFG_CUT_FROM}, strict=False,
+        description="conditional half only (no CFG) at the last two scales of any schedule",
+    )
+
+
+TURBO = {
+    "var": dict(keep={-2: 0.5}, skip=(-1,), cache=-3),
+    "hart": dict(keep={-3: 0.6, -2: 0.4, -1: 0.25}, skip=(), cache=-4),
+    "infinity": dict(keep={-5: 0.6, -4: 0.4, -3: 0.3}, skip=(-2, -1), cache=-6),
+}
+"""turbo's pruning and skipping per rule, as positions from the schedule's own end (its caching:
+:func:`fastvar.accel.cache_presets.turbo_cache`; its guidance cut: :data:`TURBO_CFG_CUT_FROM`)."""
+
+TURBO_CFG_CUT_FROM: str | None = None
+
+
+def _turbo(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    """Pruning + skipping + feature caching + the guidance cut stacked, by positions from the schedule's end.
+
+    Tuned on the embedded model (VAR, seeds 0/1; benchmarks/embedded_turbo.json) for the most speed at
+    SSIM >= 0.90 against the baseline; Infinity keeps the paper's two skipped scales and prunes harder below.
+    """
+    from .cache_presets import turbo_cache
+
+    rule = _rule(family, schedule)
+    tb = TURBO[rule]
+    extra = {}
+    if TURBO_CFG_CUT_FROM is not None:
+        extra["guidance"] = {"cond_only_from": TURBO_CFG_CUT_FROM}
+    return _table_plan("turbo", family, schedule, depth, tb["keep"], tb["skip"], tb["cache"],
+                       "pruning + skipping + caching + cfg-cut stacked (speed first)", anchor=len(schedule),
+                       cache=turbo_cache(rule, schedule), **extra)
+
+
+def _none(family: str, schedule: Schedule, depth: int) -> AccelPlan:
     return AccelPlan(name="none", description="no plan: the official computation")
 
 
-def _identity(family: str, last_side: int, depth: int, sides=None) -> AccelPlan:
+def _identity(family: str, schedule: Schedule, depth: int) -> AccelPlan:
     return AccelPlan(name="identity", description="the engine's hooks active but keeping everything (overhead check)")
 
 
-PRESETS: dict[str, Callable[..., AccelPlan]] = {
+PresetFn = Callable[[str, Schedule, int], AccelPlan]
+"""``fn(family, schedule, depth) -> AccelPlan``: what every entry of :data:`PRESETS` is."""
+
+PRESETS: dict[str, PresetFn] = {
     "none": _none,
     "identity": _identity,
     "fastvar": _fastvar,
     "fastvar-mild": _mild,
     "fastvar-strong": _strong,
     "skip-last": _skip_last,
+    "cfg-cut": _cfg_cut,
+    "turbo": _turbo,
 }
 
+NO_OP_PRESETS = ("none", "identity")
+"""Presets that change nothing by definition; every other preset changes something on every schedule."""
 
-def get_preset(name: str, family: str = "var", last_side: int = 16, depth: int = 16,
-               sides: tuple[int, ...] | None = None) -> AccelPlan:
-    """The named plan for a backbone family, a schedule's last side and a depth (``sides``: the four largest
-    sides of a non-standard VAR schedule)."""
+
+DEFAULT_LAST_SIDE = {"var": 16, "infinity": 64, "hart": 64}
+
+
+def get_preset(name: str, family: str = "var", last_side: int | None = None, depth: int = 16,
+               sides: tuple[int, ...] | None = None, schedule: Schedule | None = None) -> AccelPlan:
+    """The named plan for a family, a schedule and a depth. Without ``schedule``, the family's default
+    schedule ending at ``last_side`` (see :func:`default_schedule`; None: VAR 256, Infinity 1M, HART 1024;
+    ``sides``: a custom schedule's sides)."""
     if family not in FAMILIES:
         raise PlanError(f"unknown model family {family!r}; known: {FAMILIES}")
     if name not in PRESETS:
         raise PlanError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return PRESETS[name](family, int(last_side), int(depth), sides)
+    if schedule is None:
+        side = DEFAULT_LAST_SIDE[family] if last_side is None else int(last_side)
+        schedule = default_schedule(family, side, tuple(sides) if sides else None)
+    elif not isinstance(schedule, Schedule):
+        schedule = Schedule(tuple((int(h), int(w)) for h, w in schedule))
+    return PRESETS[name](family, schedule, int(depth))
 
 
 def preset_for_model(name: str, model) -> AccelPlan:
-    """The named plan for a model object (reads its family, schedule and depth)."""
+    """The named plan for a model object (a ``Backbone``: its family, schedule and depth)."""
     sched = getattr(model, "schedule", None)
-    last = max(sched.last) if sched is not None else 64
-    sides = None
-    if model.family == "var" and sched is not None and last not in _VAR_SIDES:
-        # a non-standard VAR schedule (e.g. a small trained model): the same rule on its own largest scales
-        all_sides = sorted({max(hw) for hw in sched.sizes})
-        if len(all_sides) < 4:
-            raise PlanError(f"presets need a schedule with at least 4 scales; this one has {all_sides}")
-        sides = tuple(all_sides[-4:])
-    return get_preset(name, model.family, last, model.depth, sides)
+    if sched is None:
+        sched = default_schedule(model.family, DEFAULT_LAST_SIDE[model.family])
+    return get_preset(name, model.family, depth=model.depth, schedule=sched)

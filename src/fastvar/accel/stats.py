@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +47,15 @@ def dense_counts(sizes: Sequence[tuple[int, int]], depth: int, branches: Iterabl
     return out
 
 
-def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1) -> dict:
+def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1,
+                   rows: Mapping[int, int] | None = None) -> dict:
     """Attention, linear and total FLOPs of a generation, and per executed scale the FLOPs of its blocks
     (``scale_flops``, scale index -> FLOPs; the head and the tail run outside the blocks and are not in
-    it): with the per-scale block times, the throughput that tells a plan's overhead from the hardware's."""
+    it): with the per-scale block times, the throughput that tells a plan's overhead from the hardware's.
+
+    ``rows``: scale -> batch rows really forwarded where it differs from ``batch`` (a conditional-only
+    scale forwards B of the 2B CFG rows: its FLOPs, head and tail included, are counted for B rows)."""
+    rows = {} if rows is None else rows
     C = dims.width
     attn = lin = 0.0
     per_scale: dict[int, float] = defaultdict(float)
@@ -67,17 +72,19 @@ def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopD
             a = 4 * n * dims.cross_len * C
         elif b == "ffn":
             f = 2 * n * C * dims.ffn_hidden * dims.ffn_mats
-        attn += a
-        lin += f
-        per_scale[si] += a + f
+        r = rows.get(si, batch)
+        attn += a * r
+        lin += f * r
+        per_scale[si] += (a + f) * r
     executed = {si for (si, _l, _b) in counts}
     for si in executed:
         h, w = sizes[si]
-        lin += 2 * h * w * C * dims.vocab_out
-    tail = dims.tail_flops if len(sizes) - 1 in executed else 0.0
+        lin += 2 * h * w * C * dims.vocab_out * rows.get(si, batch)
+    last = len(sizes) - 1
+    tail = dims.tail_flops * rows.get(last, batch) if last in executed else 0.0
     lin += tail
-    return {"attn_flops": attn * batch, "linear_flops": lin * batch, "total_flops": (attn + lin) * batch,
-            "tail_flops": tail * batch, "scale_flops": {si: v * batch for si, v in sorted(per_scale.items())}}
+    return {"attn_flops": attn, "linear_flops": lin, "total_flops": attn + lin,
+            "tail_flops": tail, "scale_flops": dict(sorted(per_scale.items()))}
 
 
 def tokens_per_scale(counts: Counts) -> dict[int, dict[str, int]]:
@@ -104,18 +111,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def generation_stats(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int,
-                     scale_seconds: dict[int, float] | None = None, peak_mem_mb: float | None = None) -> dict:
-    """Everything a user asks after a generation, as one JSON-able dict."""
+                     scale_seconds: dict[int, float] | None = None, peak_mem_mb: float | None = None,
+                     rows: Mapping[int, int] | None = None) -> dict:
+    """Everything a user asks after a generation, as one JSON-able dict.
+
+    Token counts are per sequence (a plan's token budget); ``rows_per_scale`` says how many batch rows
+    each executed scale really forwarded and ``row_tokens_forwarded`` / ``row_tokens_total`` weigh the
+    computed tokens by them (against ``batch`` rows everywhere), so a conditional-only scale counts half.
+    """
+    rows = {} if rows is None else dict(rows)
     per_scale = tokens_per_scale(counts)
     total_in = sum(v["in"] for v in per_scale.values())
     total_c = sum(v["computed"] for v in per_scale.values())
-    flops = estimate_flops(counts, sizes, dims, batch)
+    flops = estimate_flops(counts, sizes, dims, batch, rows)
+    row_c = sum(v["computed"] * rows.get(si, batch) for si, v in per_scale.items())
     return {
         "sizes": [list(s) for s in sizes],
         "tokens_per_scale": {str(k): v for k, v in per_scale.items()},
         "tokens_per_scale_layer": {f"{si}/{layer}/{b}": list(v) for (si, layer, b), v in sorted(counts.items())},
         "tokens_forwarded": total_c,
         "tokens_total": total_in,
+        "rows_per_scale": {str(si): rows.get(si, batch) for si in per_scale},
+        "row_tokens_forwarded": row_c,
+        "row_tokens_total": total_in * batch,
         **{k: v for k, v in flops.items() if k != "scale_flops"},
         "scale_flops": {str(k): v for k, v in flops["scale_flops"].items()},
         "scale_seconds": {str(k): v for k, v in (scale_seconds or {}).items()},

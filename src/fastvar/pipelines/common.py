@@ -89,30 +89,52 @@ class PlanRunner:
         hooks = make_hooks(model, plan, record=record) if plan is not None else prev
         model.hooks = hooks
         dev = model.device
-        if dev.type == "cuda":
+        cuda = dev.type == "cuda"
+        if cuda:  # events bracket the generation on the device: one synchronisation, at the end
             torch.cuda.reset_peak_memory_stats(dev)
-            torch.cuda.synchronize(dev)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         try:
             out = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            if cuda:
+                stop.record()
+                stop.synchronize()
         finally:
             model.hooks = prev
-        secs = time.perf_counter() - t0
+        secs = start.elapsed_time(stop) / 1000.0 if cuda else time.perf_counter() - t0
         dims = model.flop_dims()
         if isinstance(hooks, Engine):
             rec = hooks.recorder
             counts, sizes, scale_s = rec.counts, rec.sizes, rec.scale_seconds
-            kv_bytes = sum(rec.kv_bytes.values())
+            kv = rec.kv_summary()
+            rows = rec.rows  # B instead of 2B rows at conditional-only scales
         else:
             counts, scale_s = dense_counts(sizes, model.depth, dims.branches), {}
-            kv_bytes = None
-        stats = generation_stats(counts, sizes, dims, 2 * batch, scale_s, peak_memory_mb(dev))
+            kv, rows = dense_kv(model, sizes, 2 * batch), None
+        stats = generation_stats(counts, sizes, dims, 2 * batch, scale_s, peak_memory_mb(dev), rows)
         stats["plan"] = getattr(getattr(hooks, "plan", None), "name", "none") if hooks is not IDENTITY else "none"
         stats["seconds"] = secs
-        stats["kv_bytes"] = kv_bytes  # K/V kept in the caches at the end (None without an engine)
+        stats.update(kv)  # kv_bytes: K/V held by the caches at the end; kv_peak_bytes: most held at once
         return out, secs, stats, hooks
+
+
+def dense_kv(model, sizes, rows: int) -> dict:
+    """K/V bytes the official code's caches hold with no plan: every token of every scale, every layer
+    (HART: plus its text prefix), both CFG halves, at the model's parameter dtype (exact for fp32/bf16
+    weights; a hooks engine counts the real tensors instead)."""
+    dims = model.flop_dims()
+    tokens = sum(h * w for h, w in sizes) + max(dims.prefix_kv - 1, 0)
+    p = next(model.parameters(), None)
+    elsize = p.element_size() if p is not None else 4
+    per_layer = 2 * rows * tokens * dims.width * elsize
+    held, per_scale = 0, {}
+    for si, (h, w) in enumerate(sizes):
+        held += 2 * rows * (h * w + (max(dims.prefix_kv - 1, 0) if si == 0 else 0)) * dims.width * elsize * model.depth
+        per_scale[str(si)] = held
+    return {"kv_bytes": per_layer * model.depth, "kv_peak_bytes": per_layer * model.depth,
+            "kv_bytes_per_scale": per_scale, "kv_bytes_per_layer": {str(i): per_layer for i in range(model.depth)},
+            "kv_attended_peak_bytes": per_layer}
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
