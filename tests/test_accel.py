@@ -146,7 +146,7 @@ def test_plans_invalid_for_a_schedule_raise(kwargs, match):
 
 def test_unknown_preset_and_unknown_field():
     with pytest.raises(PlanError, match="unknown preset"):
-        get_preset("turbo", "var")
+        get_preset("warp-speed", "var")
     with pytest.raises(PlanError, match="unknown plan field"):
         AccelPlan.from_dict({"keep": {}, "ratio": 0.5})
 

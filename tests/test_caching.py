@@ -345,4 +345,4 @@ def test_compare_configs_and_plot(pipe, tmp_path):
     out = plot_compare(rows, tmp_path / "cmp" / "chart.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PlanError, match="neither a cache preset"):
-        compare_configs(pipe, CLASSES, ["turbo"], seed=0)
+        compare_configs(pipe, CLASSES, ["warp-speed"], seed=0)

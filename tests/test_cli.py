@@ -38,7 +38,7 @@ def test_class_out_of_range_writes_nothing(tmp_path, capsys):
 
 
 def test_unknown_preset_and_missing_plan_file(tmp_path, capsys):
-    assert main(["generate", "--preset", "turbo", "--out", str(tmp_path / "o")]) == 2
+    assert main(["generate", "--preset", "warp-speed", "--out", str(tmp_path / "o")]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["generate", "--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

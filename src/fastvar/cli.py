@@ -202,6 +202,9 @@ def _family_kwargs(args, spec) -> dict:
             flags = ", ".join(f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in names and v is not None)
             raise CLIError(f"{flags} only apply to text-to-image models (infinity, hart); VAR uses --resolution")
         return {}
+    if spec.name == "embedded-t2i" and given:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in names and v is not None)
+        raise CLIError(f"{flags}: embedded-t2i has one architecture and schedule ({spec.resolution} px); drop them")
     arch = {k for k in given if k in ("depth", "embed_dim", "num_heads", "text_channels", "diff_width", "diff_depth")}
     if arch and not args.random_init:
         raise CLIError("--depth/--width/--heads/--text-width/--diff-width/--diff-depth change the architecture: "
@@ -379,7 +382,7 @@ def cmd_generate(args) -> int:
 
     try:
         if args.benchmark is not None:
-            return _benchmark(args, spec, lambda: run(plan, decode=False), len(conds))
+            return _benchmark(args, spec, pipe, plan, conds)
         if args.compare and plan is not None:
             base_imgs, base_s, _ = run(None)
             imgs, secs, stats = run(plan)
@@ -413,19 +416,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _benchmark(args, spec, run_once, n_images: int) -> int:
+def _benchmark(args, spec, pipe, plan, conds: list) -> int:
     """Repeated timed runs of one configuration (after one warm-up): median and spread, optional JSON."""
     import statistics
 
-    run_once()
-    times, stats = [], None
-    for i in range(args.benchmark):
-        _, secs, st = run_once()
-        times.append(secs)
-        stats = stats or st[0]
-        if not args.quiet:
-            print(f"run {i + 1}/{args.benchmark}: {secs:.3f}s", file=sys.stderr)
-    med = statistics.median(times)
+    from .eval.run import run_plans
+
+    (res,) = run_plans(pipe, conds, [("plan", plan)], repeats=args.benchmark, warmup=1, seed=args.seed,
+                       sampling=dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p), decode=False,
+                       batch_size=args.batch_size, log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    times, stats, n_images = res.seconds, res.stats, len(conds)
+    med = res.median
     row = {"model": spec.name, "config": stats.get("plan"), "images": n_images, "runs": len(times),
            "seconds_median": med, "seconds_min": min(times), "seconds_max": max(times),
            "seconds_stdev": statistics.stdev(times) if len(times) > 1 else 0.0, "seconds_all": times,
@@ -501,15 +502,12 @@ def cmd_bench(args) -> int:
     except (ValueError, KeyError) as e:
         raise CLIError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
 
-    def gen(plan):
-        return pipe(conds, seed=args.seed, plan=plan, decode=False)
-
     prev_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         threads = torch.get_num_threads()
-        rows = run_benchmark(gen, pipe.decode, plans, repeats=args.repeats, warmup=args.warmup,
+        rows = run_benchmark(pipe, conds, plans, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                              log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
     finally:
         torch.set_num_threads(prev_threads)  # in-process callers (tests, notebooks) keep their setting
@@ -525,17 +523,22 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from .accel.plan import PlanError
     from .accel.presets import PRESETS, get_preset
 
-    validate.int_at_least(args.last_side, "--last-side", 1, "side of the last scale in tokens", 16)
+    if args.last_side is not None:
+        validate.int_at_least(args.last_side, "--last-side", 1, "side of the last scale in tokens", 16)
     validate.int_at_least(args.depth, "--depth", 1, "transformer blocks", 16)
     if not args.list and args.name not in PRESETS:
         raise CLIError(f"plan {args.name}: unknown preset; known presets: {', '.join(sorted(PRESETS))}")
-    if args.list:
-        for name, fn in PRESETS.items():
-            print(f"{name:<16}{fn(args.family, args.last_side, args.depth).description}")
-        return 0
-    print(get_preset(args.name, args.family, args.last_side, args.depth).to_json())
+    try:
+        if args.list:
+            for name in PRESETS:
+                print(f"{name:<16}{get_preset(name, args.family, args.last_side, args.depth).description}")
+            return 0
+        print(get_preset(args.name, args.family, args.last_side, args.depth).to_json())
+    except PlanError as e:
+        raise CLIError(str(e)) from None
     return 0
 
 
@@ -635,7 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print a preset as JSON (a starting point for --plan files)")
     pl.add_argument("name", nargs="?", default="fastvar")
     pl.add_argument("--family", default="var", choices=["var", "infinity", "hart"])
-    pl.add_argument("--last-side", dest="last_side", type=cli_int, default=16)
+    pl.add_argument("--last-side", dest="last_side", type=cli_int, default=None,
+                    help="last scale's side: VAR 16/32, Infinity 16/32/48/64/128 (1:1 budgets), HART 64 "
+                         "(default: VAR 256, Infinity 1M, HART 1024)")
     pl.add_argument("--depth", type=cli_int, default=16)
     pl.add_argument("--list", action="store_true")
     pl.set_defaults(func=cmd_plan)
@@ -666,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser  # `fastvar eval …`; its handlers import their libraries lazily
 
     add_eval_parser(sub)
+    from .accel.tune import add_tune_parser  # `fastvar tune`: the fastest plan for a quality budget
+
+    add_tune_parser(sub)
     return p
 
 

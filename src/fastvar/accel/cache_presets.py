@@ -75,6 +75,22 @@ CACHE_PRESETS: dict[str, CachePreset] = {
 }
 
 
+TURBO_CACHE = {
+    "var": dict(cache_stages=("#-3",), skip_stages=("#-2",), threshold=0.9),
+    "hart": dict(cache_stages=("#-4", "#-3", "#-2"), skip_stages=("#-3", "#-2", "#-1"), threshold=0.9),
+    "infinity": dict(cache_stages=("#-6", "#-5", "#-4"), skip_stages=("#-5", "#-4", "#-3"), threshold=0.9),
+}
+"""The feature caching of the ``turbo`` preset per table rule (see :mod:`fastvar.accel.presets`): reuse at the
+scales turbo prunes, from the scale before, where calibration measured the branch output similar enough."""
+
+
+def turbo_cache(rule: str, schedule: Schedule | None = None) -> CacheConfig:
+    """turbo's CacheConfig: inference mode without ``sim_path``, like every cache preset, so it needs similarity
+    data: the run primitive (``fastvar bench``, ``--compare-configs``) calibrates it on the caller's conditions
+    first; library users calibrate with ``calibration=True`` or pass ``sim_path``."""
+    return CacheConfig(**TURBO_CACHE[rule])
+
+
 def get_cache_preset(name: str, schedule: Schedule | None = None, **overrides) -> CacheConfig:
     """The named CacheConfig; with a schedule its stages are spelled as token counts; ``overrides``
     set other fields (``calibration=True, sim_path=...``)."""
