@@ -10,6 +10,7 @@ from fastvar.errors import UsageError
 from fastvar.eval.geneval import relative_position
 from fastvar.train.t2i_data import (
     CATEGORIES,
+    HELDOUT_SEED,
     T2I_COLOURS,
     T2I_SHAPES,
     ProceduralT2I,
@@ -104,3 +105,92 @@ def test_nearest_colour_keeps_var_rule_and_separates_t2i_palette():
         assert nearest_colour(0.5 * np.array(rgb) + 0.5 * grey) == c
     with pytest.raises(UsageError, match="unknown"):
         nearest_colour((1, 0, 0), ("red", "magenta"))
+
+
+# ---------------------------------------------------------------------------------------------- detector + GenEval
+def _uint8(img: np.ndarray) -> np.ndarray:
+    return (img * 255).round().astype(np.uint8)
+
+
+def _check_detections(scene, dets) -> None:
+    """Every drawn object found once, with its shape, colour and box (within 2 px), and nothing else."""
+    assert len(dets) == len(scene["objects"]), (scene["caption"], [(d.class_name, d.box) for d in dets])
+    left = list(dets)
+    for shape, colour, box in scene["objects"]:
+        d = min(left, key=lambda d: sum(abs(u - v) for u, v in zip(d.box, box)))
+        left.remove(d)
+        assert (d.class_name, d.colour) == (shape, colour), scene["caption"]
+        assert max(abs(u - v) for u, v in zip(d.box, box)) <= 2.0
+        assert d.score > 0.95  # above GenEval's counting threshold with room to spare
+
+
+def _swapped(spec):
+    """A caption of the same category that the scene does NOT satisfy."""
+    from fastvar.train.t2i_data import SceneSpec
+
+    o, tag = spec.objects, spec.tag
+    absent = next(s for s in T2I_SHAPES if s not in {x[0] for x in o})
+    if tag == "single_object":
+        return SceneSpec(tag, ((absent, None),))
+    if tag == "colors":
+        return SceneSpec(tag, ((o[0][0], next(c for c in T2I_COLOURS if c != o[0][1])),))
+    if tag == "two_object":
+        return SceneSpec(tag, (o[0], (absent, None)))
+    if tag == "counting":
+        k = len(o) + 1 if len(o) < 4 else len(o) - 1  # more than drawn, or fewer (then the exclude clause fails)
+        return SceneSpec(tag, (o[0],) * k)
+    if tag == "position":
+        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        return SceneSpec(tag, o, opposite[spec.relation])
+    return SceneSpec(tag, ((o[0][0], o[1][1]), (o[1][0], o[0][1])))  # color_attr: colours exchanged
+
+
+def _geneval_on_scenes(per_category: int, seed: int) -> dict[str, list[int]]:
+    from fastvar.eval.detect_procedural import ProceduralDetector
+    from fastvar.eval.geneval import detector_colours, score_image
+
+    det = ProceduralDetector()
+    tally: dict[str, list[int]] = {}
+    for tag in CATEGORIES:
+        right = wrong = 0
+        for i in range(per_category):
+            s = render_scene(seed, i, categories=[tag])
+            img = _uint8(s["image"])
+            dets = det(img)
+            _check_detections(s, dets)
+
+            def once(_img, dets=dets):  # the detector already ran on this image
+                return dets
+
+            meta = s["spec"].metadata()
+            if tag in ("counting", "position", "two_object", "single_object"):  # also with the drawn colours named
+                coloured = s["spec"].__class__(tag, tuple((sh, c) for sh, c, _ in s["objects"]), s["spec"].relation)
+                assert score_image(img, coloured.metadata(), once, detector_colours).correct
+            right += score_image(img, meta, once, detector_colours).correct
+            wrong += score_image(img, _swapped(s["spec"]).metadata(), once, detector_colours).correct
+        tally[tag] = [right, wrong]
+    return tally
+
+
+def test_detector_exact_and_geneval_scores_rendered_scenes():
+    tally = _geneval_on_scenes(per_category=6, seed=11)
+    assert tally == {t: [6, 0] for t in CATEGORIES}
+
+
+@pytest.mark.slow
+def test_detector_exact_and_geneval_scores_many_rendered_scenes():
+    n = 300
+    tally = _geneval_on_scenes(per_category=n, seed=HELDOUT_SEED)
+    assert tally == {t: [n, 0] for t in CATEGORIES}
+
+
+def test_detector_palette_argument():
+    from fastvar.eval.detect_procedural import ProceduralDetector
+
+    scenes = (render_scene(5, i, categories=["color_attr"]) for i in range(50))
+    s = next(s for s in scenes if {o[1] for o in s["objects"]} & {"yellow", "green"})
+    img = _uint8(s["image"])
+    assert sorted(d.colour for d in ProceduralDetector()(img)) == sorted(o[1] for o in s["objects"])
+    assert {d.colour for d in ProceduralDetector(palette=("red", "blue"))(img)} <= {"red", "blue"}
+    with pytest.raises(UsageError, match="unknown"):
+        ProceduralDetector(palette=("red", "cyan"))
