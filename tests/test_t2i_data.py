@@ -194,3 +194,57 @@ def test_detector_palette_argument():
     assert {d.colour for d in ProceduralDetector(palette=("red", "blue"))(img)} <= {"red", "blue"}
     with pytest.raises(UsageError, match="unknown"):
         ProceduralDetector(palette=("red", "cyan"))
+
+
+# ---------------------------------------------------------------------------------------------- prompt file
+def test_shipped_prompt_file_parses_is_balanced_reproducible_and_in_the_grammar():
+    import json
+    from collections import Counter
+
+    from fastvar.eval.prompts import load_prompts
+    from fastvar.train.t2i_data import PROMPT_FILE, geneval_prompts, parse_caption
+
+    items = load_prompts(PROMPT_FILE)
+    lines = [json.loads(ln) for ln in PROMPT_FILE.read_text(encoding="utf-8").splitlines()]
+    assert lines == geneval_prompts()  # the shipped file is exactly what the committed function writes
+    counts = Counter(it.metadata["tag"] for it in items)
+    assert set(counts) == set(CATEGORIES) and len(set(counts.values())) == 1 and 10 <= counts["colors"] <= 20
+    vocab = set(t2i_vocabulary())
+    for it in items:
+        assert set(it.prompt.split()) <= vocab
+        spec = parse_caption(it.prompt)  # in the training grammar ...
+        assert spec.tag == it.metadata["tag"] and spec.metadata() == it.metadata  # ... and its clauses check it
+    # every shape asked for in every task; distinct prompts wherever the task has enough captions
+    for tag in CATEGORIES:
+        prompts = [it.prompt for it in items if it.metadata["tag"] == tag]
+        assert {s for s in T2I_SHAPES if any(s in p for p in prompts)} == set(T2I_SHAPES) or tag == "counting"
+        if tag != "single_object":
+            assert len(set(prompts)) == len(prompts)
+
+
+def test_parse_caption_round_trips_the_training_stream_and_rejects_other_text():
+    from fastvar.train.t2i_data import parse_caption
+
+    for i in range(300):
+        s = render_scene(2, i, image=False)
+        assert parse_caption(s["caption"]) == s["spec"]
+    assert parse_caption("Two  RED circles").metadata()["include"] == [{"class": "circle", "count": 2, "color": "red"}]
+    for bad in ("a purple circle", "five rings", "a circle and a circle", "a red circle and a red square",
+                "a red circle to the left of a square", "one circle", ""):
+        with pytest.raises(UsageError, match="not in the procedural t2i grammar"):
+            parse_caption(bad)
+
+
+def test_prompt_file_is_package_data():
+    import fnmatch
+    import json
+    import re
+    from pathlib import Path
+
+    from fastvar.train.t2i_data import PROMPT_FILE
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()  # (tomllib is 3.11+)
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
+    patterns = json.loads(re.search(r"^fastvar\s*=\s*(\[.*?\])", section, re.M | re.S)[1])
+    rel = PROMPT_FILE.relative_to(PROMPT_FILE.parents[1]).as_posix()
+    assert any(fnmatch.fnmatch(rel, p) for p in patterns)

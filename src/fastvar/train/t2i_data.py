@@ -154,6 +154,42 @@ class SceneSpec:
         return meta
 
 
+_NP = rf"a (?:({'|'.join(T2I_COLOURS)}) )?({'|'.join(T2I_SHAPES)})"
+
+
+def parse_caption(caption: str) -> SceneSpec:
+    """The scene a caption of the grammar describes (inverse of :meth:`SceneSpec.caption`).
+
+    Why: the prompt file and any user prompt can be checked against what the model was trained on, and a
+    caption's GenEval metadata follows from it. Raises :class:`UsageError` for text outside the grammar.
+    """
+    import re
+
+    text = " ".join(str(caption).lower().split())
+    plural_of = {p: s for s, p in PLURALS.items()}
+    number_of = {w: k for k, w in NUMBERS.items()}
+    numbers, colours, plurals = "|".join(number_of), "|".join(T2I_COLOURS), "|".join(plural_of)
+    m = re.fullmatch(rf"({numbers}) (?:({colours}) )?({plurals})", text)
+    if m:
+        return SceneSpec("counting", ((plural_of[m[3]], m[2]),) * number_of[m[1]])
+    rels = {w: r for r, w in _RELATION_WORDS.items()}
+    relations = "|".join(rels)
+    m = re.fullmatch(rf"{_NP} ({relations}) {_NP}", text)
+    if m and m[2] != m[5] and (m[1] is None) == (m[4] is None):
+        return SceneSpec("position", ((m[2], m[1]), (m[5], m[4])), rels[m[3]])
+    m = re.fullmatch(rf"{_NP} and {_NP}", text)
+    if m and m[2] != m[4]:
+        if m[1] is None and m[3] is None:
+            return SceneSpec("two_object", ((m[2], None), (m[4], None)))
+        if m[1] is not None and m[3] is not None and m[1] != m[3]:
+            return SceneSpec("color_attr", ((m[2], m[1]), (m[4], m[3])))
+    m = re.fullmatch(_NP, text)
+    if m:
+        return SceneSpec("colors" if m[1] else "single_object", ((m[2], m[1]),))
+    raise UsageError(f"caption {caption!r} is not in the procedural t2i grammar; use e.g. 'a red circle', "
+                     "'two blue rings', 'a circle and a square', 'a red circle to the left of a blue square'")
+
+
 def t2i_vocabulary() -> list[str]:
     """Every word a caption can use, sorted (for the word-level tokenizer's vocabulary)."""
     words = {"a", "and"} | set(T2I_SHAPES) | set(T2I_COLOURS) | set(PLURALS.values()) | set(NUMBERS.values())
@@ -404,5 +440,9 @@ def write_prompt_file(path: str | Path = PROMPT_FILE, per_category: int = 15, se
 
 
 __all__ = ["CATEGORIES", "HELDOUT_SEED", "PROMPT_FILE", "ProceduralT2I", "RELATIONS", "SceneSpec", "T2I_COLOURS",
-           "T2I_RGB", "T2I_SHAPES", "geneval_prompts", "nearest_colour", "relation_holds", "render_scene",
+           "T2I_RGB", "T2I_SHAPES", "geneval_prompts", "nearest_colour", "parse_caption", "relation_holds", "render_scene",
            "sample_spec", "t2i_vocabulary", "write_prompt_file"]
+
+
+if __name__ == "__main__":  # regenerate the shipped prompt file: python -m fastvar.train.t2i_data
+    print(write_prompt_file())
