@@ -35,8 +35,8 @@ from .tokenizers.bsq import accumulate_codes, bits_to_codes, next_scale_input
 
 __all__ = [
     "INFINITY_ASPECTS", "INFINITY_PNS", "VAE_STRIDE", "accumulate_codes", "aspect_to_h_div_w", "bits_to_codes",
-    "infinity_image_size", "infinity_schedule", "nearest_aspect", "next_scale_input", "rope_reference_hw",
-    "schedule_sizes", "vae_schedule",
+    "infinity_image_size", "infinity_schedule", "is_template_schedule", "nearest_aspect", "next_scale_input",
+    "rope_reference_hw", "schedule_sizes", "vae_schedule",
 ]
 
 VAE_STRIDE = 16
@@ -164,6 +164,13 @@ def infinity_image_size(aspect: str | float, pn: str) -> tuple[int, int]:
     """(H, W) in pixels of the image a schedule decodes to (last scale x the 16x VAE stride)."""
     h, w = _sizes_for(_template_key(aspect), pn)[-1]
     return h * VAE_STRIDE, w * VAE_STRIDE
+
+
+def is_template_schedule(schedule: Schedule | Sequence) -> bool:
+    """Whether ``schedule`` is an official budget of an aspect template (or our 2K extension), as opposed
+    to a custom schedule such as a small trained model's (presets treat the two differently)."""
+    sizes = schedule_sizes(schedule)
+    return any(sizes == _sizes_for(key, pn) for key in _TEMPLATES for pn in INFINITY_PNS)
 
 
 def schedule_sizes(schedule: Schedule | Sequence) -> tuple[tuple[int, int], ...]:

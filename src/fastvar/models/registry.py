@@ -59,6 +59,11 @@ for _name, _res, _w, _v in (
                               weights=f"{_INF_HUB}:{_w}" if _w else None, vae_weights=f"{_INF_HUB}:{_v}",
                               text_encoder="google/flan-t5-xl")
 MODELS["infinity"] = MODELS["infinity-2b"]
+# The small word-level T5 + BSQ-VAE + Infinity trained on procedural captions, shipped inside the package
+# (fastvar.models.embedded_t2i; its assets json is the source of truth, these are the facts the CLI needs
+# before loading: the fixed schedule for plan checks and the depth for presets; a test keeps them equal).
+MODELS["embedded-t2i"] = ModelSpec(name="embedded-t2i", family="infinity", resolution=128,
+                                   config=dict(patch_nums=(1, 2, 3, 4, 6, 8, 11, 16), depth=6))
 
 # HART-0.7B-1024px (mit-han-lab/hart): the architecture lives in fastvar.models.hart (HART_0_7B); these are the
 # facts the CLI needs before building it. One hub repo holds both folders: llm/ (transformer) and tokenizer/.

@@ -34,6 +34,13 @@ def load_pipeline(spec: ModelSpec, weights=None, vae_weights=None, text_encoder=
                                  "--weights/--vae-weights/--text-encoder")
             return HARTPipeline.random_init(name, device=device, dtype=dtype, **kwargs)
         return HARTPipeline.from_pretrained(name, weights, vae_weights, text_encoder, device=device, dtype=dtype, **kwargs)
+    if spec.name == "embedded-t2i":
+        from ..models.embedded_t2i import load_embedded_t2i_pipeline
+
+        if weights or vae_weights or text_encoder or kwargs:
+            raise ValueError(f"embedded-t2i ships its own weights, text encoder and schedule; drop "
+                             f"--weights/--vae-weights/--text-encoder{'/' + '/'.join(sorted(kwargs)) if kwargs else ''}")
+        return load_embedded_t2i_pipeline(device=device, dtype=dtype, random_init=random_init)
     if spec.family == "infinity":
         from .infinity import InfinityPipeline
 

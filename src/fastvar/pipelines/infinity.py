@@ -47,10 +47,12 @@ from ..schedules import Schedule
 from ..schedules_infinity import (
     INFINITY_ASPECTS,
     INFINITY_PNS,
+    VAE_STRIDE,
     aspect_to_h_div_w,
     infinity_image_size,
     infinity_schedule,
     nearest_aspect,
+    schedule_sizes,
 )
 from ..text.condition import TextCondition, pack_text_features
 from .common import (
@@ -337,9 +339,10 @@ class InfinityPipeline:
 
     def __init__(self, model: Infinity, name: str = "infinity-2b", vae: Any = None, text_encoder: Any = None,
                  aspect: str | float = "1:1", pn: str = "1M", text_tokens: int | None = None,
-                 defaults: dict[str, Any] | None = None) -> None:
+                 defaults: dict[str, Any] | None = None, schedule: Schedule | Sequence | None = None) -> None:
         """``vae``: a :class:`~fastvar.tokenizers.bsq.BSQVAE` (or anything with ``decode(latent) -> [-1, 1]``);
-        ``text_tokens``: caption length of the random features used without a text encoder."""
+        ``text_tokens``: caption length of the random features used without a text encoder; ``schedule``: a
+        fixed custom schedule (e.g. a small trained model's) instead of the official (aspect, pn) templates."""
         self.model, self.name, self.vae, self.text_encoder = model, name, vae, text_encoder
         self.text_tokens = min(RANDOM_TEXT_TOKENS, model.cfg.text_maxlen) if text_tokens is None else int(text_tokens)
         if not 1 <= self.text_tokens <= model.cfg.text_maxlen:
@@ -348,11 +351,22 @@ class InfinityPipeline:
         self.defaults = dict(INFINITY_DEFAULTS, **_MODEL_DEFAULTS.get(name, {}))
         self.defaults.update(defaults or {})
         self._cross_len = float(self.text_tokens)
-        self.set_schedule(aspect, pn)
+        self.fixed_schedule = None if schedule is None else Schedule(schedule_sizes(schedule))
+        if self.fixed_schedule is not None:
+            h, w = self.fixed_schedule.sizes[-1]
+            self.aspect, self.h_div_w, self.pn = f"{w}:{h}", h / w, "fixed"
+            self.schedule = self.model.schedule = self.fixed_schedule
+        else:
+            self.set_schedule(aspect, pn)
         model.flop_dims = self._flop_dims  # stats need the dims; the backbone file stays method-agnostic
 
     def set_schedule(self, aspect: str | float = "1:1", pn: str = "1M") -> Schedule:
         """Choose the aspect ratio and pixel budget of the next generations (see :func:`resolve_aspect`)."""
+        if self.fixed_schedule is not None:
+            if (aspect, pn) != (self.aspect, self.pn):
+                raise ValueError(f"{self.name} generates at one fixed schedule {list(self.fixed_schedule.sizes)}; "
+                                 "aspect and pixel budget do not apply")
+            return self.schedule
         key, pn = resolve_aspect(aspect), resolve_pn(pn)
         self.aspect, self.h_div_w, self.pn = aspect, key, pn
         self.schedule = infinity_schedule(key, pn)
@@ -362,6 +376,10 @@ class InfinityPipeline:
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) in pixels of the decoded images."""
+        if self.fixed_schedule is not None:
+            stride = getattr(self.vae, "stride", VAE_STRIDE)
+            h, w = self.fixed_schedule.sizes[-1]
+            return h * stride, w * stride
         return infinity_image_size(self.h_div_w, self.pn)
 
     def _flop_dims(self) -> FlopDims:
