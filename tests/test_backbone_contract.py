@@ -14,7 +14,7 @@ import torch
 
 from fastvar.accel import AccelPlan, CacheConfig, Engine, GuidancePolicy, KVPolicy, PrunePolicy, SkipPolicy
 from fastvar.accel.caching import CachePolicy
-from fastvar.accel.engine import Backbone
+from fastvar.accel.engine import Backbone, noop_engine
 from fastvar.schedules import Schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +101,48 @@ def test_every_policy_at_its_noop_setting_is_bit_identical(case):
                   KVPolicy({f"#{n - 2}": 1.0})], depth=depth)
     res = pipe(cond, seed=3, decode=False, plan=eng)
     assert torch.equal(res.latent, base.latent)
+    # the engine the overhead benchmark measures (benchmarks/engine_overhead.json): every policy kind present
+    full = noop_engine(depth)
+    kinds = {type(p) for p in full.policies}
+    assert kinds >= {SkipPolicy, PrunePolicy, CachePolicy, GuidancePolicy, KVPolicy}
+    res = pipe(cond, seed=3, decode=False, plan=full)
+    assert torch.equal(res.latent, base.latent) and res.stats["tokens_forwarded"] == res.stats["tokens_total"]
+    assert full.skipped == [] and full.policy(CachePolicy).statistics()["hit_rate"] == 0.0
+
+
+def test_caching_api_on_every_backbone(case, tmp_path):
+    """set_cache_config / get_cache_statistics / save_similarity_data (the HART caching extension's model
+    API): calibrate (output = baseline), save atomically, infer from the carried data, switch off."""
+    import dataclasses
+
+    from fastvar.accel import IDENTITY, PlanError
+    from fastvar.accel.caching import load_similarity_data
+
+    _f, pipe, cond, base = case
+    model = pipe.model
+    n, depth = len(_sizes(pipe, base)), model.depth
+    branches = len(model.flop_dims().branches)
+    cfg = CacheConfig(cache_stages=(f"#{n - 3}",), skip_stages=(f"#{n - 2}", f"#{n - 1}"), calibration=True)
+    try:
+        model.set_cache_config(cfg)
+        assert torch.equal(pipe(cond, seed=3, decode=False).latent, base.latent)  # calibration computes everything
+        st = model.get_cache_statistics()
+        assert st["mode"] == "calibration" and st["similarity_stats"]["overall"]["n"] == depth * 2 * branches
+        assert st["memory"]["cache_peak_bytes"] > 0 and st["memory"]["cache_bytes"] == 0
+        path = model.save_similarity_data(tmp_path / "sim.json")
+        assert len(load_similarity_data(path)) == depth * 2 * branches
+        assert [p.name for p in tmp_path.iterdir()] == ["sim.json"]  # no temporary file left behind
+        model.set_cache_config(dataclasses.replace(cfg, calibration=False, threshold=0.0))  # carries the data
+        res = pipe(cond, seed=3, decode=False)
+        st = model.get_cache_statistics()
+        assert st["mode"] == "inference" and st["generations"] == 1
+        assert sum(map(sum, st["lookups_per_layer"].values())) == depth * 2 * branches
+        assert st["hit_rate"] > 0 and res.latent.shape == base.latent.shape
+    finally:
+        model.set_cache_config(None)
+    assert model.hooks is IDENTITY and model.get_cache_statistics()["cache_config"] is None
+    with pytest.raises(PlanError, match="no feature caching is active"):
+        model.save_similarity_data(tmp_path / "x.json")
 
 
 def test_same_seed_same_output(case):

@@ -27,7 +27,7 @@ import threading
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -390,15 +390,12 @@ class DemoSession:
     def _run_plan(self, req: DemoRequest, plan: AccelPlan) -> GenerationResult:
         """The plan's generation; a caching plan without similarity data is calibrated on the same request
         first (calibration output equals the baseline; ``fastvar generate --compare-configs`` does the same)."""
-        from .accel.caching import CachingHooks
-        from .eval.compare import _hooks_for, _needs_calibration
+        from .eval.run import needs_calibration, prepare_hooks
 
-        if plan.cache is None or not _needs_calibration(plan):
+        if not needs_calibration(plan):
             return self._generate(req, plan)
-        model = self.pipe.model
-        cal = CachingHooks(replace(plan, cache=replace(plan.cache, calibration=True)), model.depth)
-        self._generate(req, hooks=cal)
-        return self._generate(req, hooks=_hooks_for(plan, model, cal.similarity))
+        hooks = prepare_hooks(self.pipe.model, plan, calibrate=lambda cal: self._generate(req, hooks=cal))
+        return self._generate(req, hooks=hooks)
 
     def run(self, condition: Any, seed: Any, cfg: Any, aspect: Any, pn: Any, plan_text: Any) -> DemoResult:
         """Validate everything, then the baseline (cached) and the plan; images, heat map, chart, numbers.

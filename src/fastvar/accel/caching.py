@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..schedules import Schedule
-from .engine import Policy
+from .engine import Engine, Policy
 from .hooks import IDENTITY, BranchFn, Hooks
 from .plan import BRANCHES, AccelPlan, CacheConfig, PlanError
 from .pruning import PlanHooks, PrunePolicy, resize_tokens
@@ -222,7 +222,6 @@ class CachePolicy(Policy):
         self.lookups = {b: [0] * depth for b in BRANCHES}
         self.generations = 0
         self.peak_bytes = 0
-        self.pruning_peak_bytes = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -304,12 +303,6 @@ class CachePolicy(Policy):
         self.slot_bytes += slot.nbytes
         self.peak_bytes = max(self.peak_bytes, self.slot_bytes)
 
-    def end_scale(self, si: int) -> None:
-        prune = self.engine.policy(PrunePolicy)
-        if prune is not None and prune.caching:
-            held = sum(t.numel() * t.element_size() for t in prune.cache.values())
-            self.pruning_peak_bytes = max(self.pruning_peak_bytes, held)
-
     def end(self) -> None:
         self.slots, self.slot_bytes = {}, 0
         self.generations += 1
@@ -323,6 +316,7 @@ class CachePolicy(Policy):
         hits = {b: list(v) for b, v in self.hits.items() if sum(self.lookups[b])}
         looks = {b: list(v) for b, v in self.lookups.items() if sum(v)}
         n_hits, n_looks = sum(map(sum, hits.values())), sum(map(sum, looks.values()))
+        prune = self.engine.policy(PrunePolicy) if self.engine is not None else None
         return {
             "cache_config": cfg.to_dict(),
             "mode": "calibration" if cfg.calibration else "inference",
@@ -337,7 +331,7 @@ class CachePolicy(Policy):
             "memory": {
                 "cache_bytes": self.slot_bytes,
                 "cache_peak_bytes": self.peak_bytes,
-                "pruning_cache_peak_bytes": self.pruning_peak_bytes,
+                "pruning_cache_peak_bytes": prune.peak_bytes if prune is not None else 0,
                 "slots": len(self.slots),
             },
         }
@@ -366,47 +360,77 @@ def _model_of(obj):
     return getattr(obj, "model", obj)
 
 
+def _cache_policy(hooks: Hooks) -> CachePolicy | None:
+    return hooks.policy(CachePolicy) if isinstance(hooks, Engine) else None
+
+
 def set_cache_config(model, cfg: CacheConfig | str | None, record: bool = False) -> Hooks:
-    """Install feature caching on ``model`` (or a pipeline), keeping the pruning part of its current plan.
+    """Install feature caching on ``model`` (or a pipeline), keeping the rest of its current plan.
 
     ``cfg`` is a CacheConfig, a cache preset name, or None (caching off). The in-memory similarity data
-    of the current caching hooks carries over unless the new config names a ``sim_path`` (then that
+    of the current cache policy carries over unless the new config names a ``sim_path`` (then that
     file is the data in inference mode and the destination in calibration mode), so
-    calibrate-then-infer works without a file.
+    calibrate-then-infer works without a file. The hooks are the one engine of the resulting plan
+    (:func:`fastvar.accel.plan_engine`).
     """
+    from . import plan_engine
+
     model = _model_of(model)
     prev = model.hooks
-    base = prev.plan if isinstance(prev, PlanHooks) else AccelPlan(name="cache")
+    base = getattr(prev, "plan", None) if isinstance(prev, Engine) else None
+    base = base if base is not None else AccelPlan(name="cache")
     if isinstance(cfg, str):
         from .cache_presets import get_cache_preset
 
         cfg = get_cache_preset(cfg)
     plan = dataclasses.replace(base, cache=cfg)
     if cfg is None:
-        model.hooks = IDENTITY if plan.is_identity else PlanHooks(plan, model.depth, record=record)
+        model.hooks = IDENTITY if plan.is_identity else plan_engine(plan, model.depth, record=record)
         return model.hooks
     if getattr(model, "schedule", None) is not None:
         cfg.resolve_stages(model.schedule)  # fail now, not at the first generation
-    carry = prev.similarity if isinstance(prev, CachingHooks) and cfg.sim_path is None else None
-    model.hooks = CachingHooks(plan, model.depth, record=record, similarity=carry)
+    prev_cache = _cache_policy(prev)
+    carry = prev_cache.similarity if prev_cache is not None and cfg.sim_path is None else None
+    model.hooks = plan_engine(plan, model.depth, record=record, similarity=carry)
     return model.hooks
 
 
 def get_cache_statistics(model) -> dict:
-    """The active caching hooks' statistics; a model without caching reports ``cache_config: None``."""
-    hooks = _model_of(model).hooks
-    if isinstance(hooks, CachingHooks):
-        return hooks.statistics()
+    """The active cache policy's statistics; a model without caching reports ``cache_config: None``."""
+    cache = _cache_policy(_model_of(model).hooks)
+    if cache is not None:
+        return cache.statistics()
     return {"cache_config": None, "mode": None, "hits_per_layer": {}, "hit_rate": 0.0, "similarity_stats": None,
             "memory": {"cache_bytes": 0, "cache_peak_bytes": 0, "pruning_cache_peak_bytes": 0, "slots": 0}}
 
 
 def save_similarity_data(model, path: str | Path | None = None) -> Path:
-    """Write the active caching hooks' similarity data (to ``path`` or the config's sim_path)."""
-    hooks = _model_of(model).hooks
-    if not isinstance(hooks, CachingHooks):
+    """Write the active cache policy's similarity data (to ``path`` or the config's sim_path), atomically."""
+    cache = _cache_policy(_model_of(model).hooks)
+    if cache is None:
         raise PlanError("no feature caching is active on this model; call set_cache_config(...) first")
-    dest = path or hooks.config.sim_path
+    dest = path or cache.config.sim_path
     if dest is None:
         raise PlanError("no path to save similarity data to: pass one or set sim_path (--sim-path)")
-    return hooks.similarity.save(dest)
+    return cache.similarity.save(dest)
+
+
+class CachingAPI:
+    """The caching methods the HART caching extension documents on the model, for every backbone.
+
+    Why a mixin: VAR, Infinity and HART share one engine, so the methods are the same three calls on
+    ``self.hooks``; each backbone class inherits them instead of repeating them (the backbone contract,
+    :class:`fastvar.accel.engine.Backbone`, lists them).
+    """
+
+    def set_cache_config(self, cfg: CacheConfig | str | None, record: bool = False) -> Hooks:
+        """Feature caching at runtime (CacheConfig, cache preset name or None); see :func:`set_cache_config`."""
+        return set_cache_config(self, cfg, record)
+
+    def get_cache_statistics(self) -> dict:
+        """Config, hits per layer, similarity statistics and memory of the active cache policy."""
+        return get_cache_statistics(self)
+
+    def save_similarity_data(self, path: str | Path | None = None) -> Path:
+        """Write the calibration data (to ``path`` or the config's ``sim_path``) atomically."""
+        return save_similarity_data(self, path)

@@ -84,6 +84,7 @@ class PrunePolicy(Policy):
         self.cache_hw: tuple[int, int] | None = None
         self.kept: dict[tuple[int, int, str], Tensor] = {}
         self.pruning = self.caching = False
+        self.peak_bytes = 0  # the restore cache's size once filled (held until the generation ends), max over runs
 
     def begin(self, engine) -> None:
         super().begin(engine)
@@ -125,6 +126,10 @@ class PrunePolicy(Policy):
         r = self.resolved
         if self.caching and layer in r.layers and name in r.branches:
             self.cache[(layer, name)] = out
+
+    def end_scale(self, si: int) -> None:
+        if self.caching:
+            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in self.cache.values()))
 
     def end(self) -> None:
         # Caches hold activations of the whole batch; free them as soon as the generation is over.

@@ -1,21 +1,20 @@
-"""Baseline vs plans in one run: same weights, same seeds, interleaved repeats after a warm-up.
+"""Baseline vs plans in one run (``fastvar bench``): speed, tokens, FLOPs, memory and fidelity per plan.
 
-Interleaving (baseline, plan A, plan B, baseline, …) spreads machine noise evenly over the plans, so a
-speedup is a property of the plan rather than of when it ran. Timing covers the transformer (the
-decoder's cost does not depend on the plan); fidelity is measured on decoded images against the
-baseline's images from the same seed.
+The runs are :func:`fastvar.eval.run.run_plans` (same weights and seeds, interleaved repeats after a
+warm-up, transformer time only); this module turns them into rows. Fidelity is measured on decoded
+images against the baseline's images from the same seed.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..accel import AccelPlan
+from .run import PlanResult, RunPlan, run_plans
 
 
 def psnr_ssim(images: Tensor, ref: Tensor) -> tuple[float, float]:
@@ -30,45 +29,23 @@ def psnr_ssim(images: Tensor, ref: Tensor) -> tuple[float, float]:
     return psnr, ssim
 
 
-@dataclass
-class PlanRun:
-    name: str
-    plan: AccelPlan | str | None
-    seconds: list
-    stats: dict
-    images: Tensor | None = None
-    scale_seconds: list[dict[str, float]] = field(default_factory=list)  # per repeat (plans with hooks only)
+def run_benchmark(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], repeats: int = 3,
+                  warmup: int = 1, seed: int | None = 0, sampling: Mapping[str, Any] | None = None,
+                  log: Callable[[str], None] | None = None) -> list[dict]:
+    """``fastvar bench``: :func:`fastvar.eval.run.run_plans`, then :func:`benchmark_rows` (the first plan is the baseline)."""
+    results = run_plans(pipe, conditions, plans, repeats=repeats, warmup=warmup, seed=seed, sampling=sampling,
+                        decode=True, log=log)
+    return benchmark_rows(results)
 
 
-def run_benchmark(
-    generate: Callable[[AccelPlan | str | None], object],
-    decode: Callable[[Tensor], Tensor],
-    plans: Sequence[tuple[str, AccelPlan | str | None]],
-    repeats: int = 3,
-    warmup: int = 1,
-    log: Callable[[str], None] | None = None,
-) -> list[dict]:
-    """``generate(plan)`` returns a GenerationResult with ``latent``; the first plan is the baseline."""
-    runs = [PlanRun(n, p, [], {}) for n, p in plans]
-    for _ in range(warmup):
-        for r in runs:
-            generate(r.plan)
-    for rep in range(repeats):
-        for r in runs:
-            res = generate(r.plan)
-            r.seconds.append(res.seconds)
-            if res.stats.get("scale_seconds"):
-                r.scale_seconds.append(res.stats["scale_seconds"])
-            if rep == 0:
-                r.stats = res.stats
-                r.images = decode(res.latent)
-            if log:
-                log(f"repeat {rep + 1}/{repeats} {r.name}: {res.seconds:.3f}s")
-    base = runs[0]
-    base_t = statistics.median(base.seconds)
+def benchmark_rows(results: Sequence[PlanResult]) -> list[dict]:
+    """One row per plan against the first (the baseline): time, speedup, token/FLOP ratios, fidelity, and
+    the throughput ceiling against an ``identity`` plan when one ran."""
+    base = results[0]
+    base_t = base.median
     out = []
-    for r in runs:
-        t = statistics.median(r.seconds)
+    for r in results:
+        t = r.median
         psnr, ssim = psnr_ssim(r.images, base.images)
         flop_ratio = r.stats["total_flops"] / base.stats["total_flops"]
         row = {

@@ -10,16 +10,13 @@ self-contained; pass configurations with ``sim_path`` to use held-out calibratio
 from __future__ import annotations
 
 import dataclasses
-import os
-import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..accel import AccelPlan, CacheConfig, PlanError
-from ..accel.caching import CachingHooks, SimilarityData
-from ..accel.hooks import IDENTITY, Hooks
+from ..accel.caching import CachePolicy
 from .benchmark import psnr_ssim
+from .run import run_plans
 
 Config = str | CacheConfig | AccelPlan | None
 
@@ -50,88 +47,39 @@ def resolve_config(config: Config, model) -> AccelPlan | None:
     return dataclasses.replace(plan, name=name)
 
 
-def _needs_calibration(plan: AccelPlan) -> bool:
-    c = plan.cache
-    return c is not None and not c.calibration and c.sim_path is None and bool(c.skip_stages)
-
-
-def _hooks_for(plan: AccelPlan | None, model, similarity: SimilarityData | None) -> Hooks:
-    if plan is None:
-        return IDENTITY
-    if plan.cache is None:  # empty caching config: same computation as PlanHooks, but measures its cache
-        plan = dataclasses.replace(plan, cache=CacheConfig())
-    return CachingHooks(plan, model.depth, similarity=similarity)
-
-
 def compare_configs(pipe, classes: Sequence[int], configs: Sequence[Config | tuple[str, Config]], seed: int = 0,
                     repeats: int = 1, warmup: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Rows (baseline first): config, seconds, speedup, peak_mem_mb, cache_mem_mb, psnr, ssim, hit_rate.
 
-    ``seconds`` is the median over ``repeats`` of the transformer time (decoding excluded: its cost does
-    not depend on the config); psnr/ssim compare decoded images with the baseline's (psnr None when
-    identical); cache_mem_mb is the peak memory held by the feature cache plus the pruning cache.
+    The runs are :func:`fastvar.eval.run.run_plans` (each plan's one engine, caching plans calibrated
+    first). ``seconds`` is the median over ``repeats`` of the transformer time (decoding excluded: its
+    cost does not depend on the config); psnr/ssim compare decoded images with the baseline's (psnr None
+    when identical); cache_mem_mb is the peak memory held by the feature cache plus the pruning cache.
     """
     model = pipe.model
     entries: list[tuple[str, AccelPlan | None]] = [("baseline", None)]
     for c in configs:
         name, c = c if isinstance(c, tuple) else (c if isinstance(c, str) else getattr(c, "name", "custom"), c)
         entries.append((str(name), resolve_config(c, model)))
-    hooks: list[Hooks] = []
-    for name, plan in entries:
-        sim = None
-        if plan is not None and _needs_calibration(plan):
-            cal = CachingHooks(dataclasses.replace(plan, cache=dataclasses.replace(plan.cache, calibration=True)),
-                               model.depth)
-            _run(pipe, cal, classes, seed)
-            sim = cal.similarity
-            if log:
-                log(f"calibrated {name}: {len(sim)} (layer, stage, branch) similarities")
-        hooks.append(_hooks_for(plan, model, sim))
-    for _ in range(warmup):
-        for h in hooks:
-            _run(pipe, h, classes, seed)
-    secs: list[list[float]] = [[] for _ in entries]
-    results = [None] * len(entries)
-    for rep in range(max(1, repeats)):
-        for i, h in enumerate(hooks):
-            res = _run(pipe, h, classes, seed)
-            secs[i].append(res.seconds)
-            if results[i] is None:
-                results[i] = (res, dict(h.statistics()["memory"]) if isinstance(h, CachingHooks) else {})
-            if log:
-                log(f"repeat {rep + 1}/{repeats} {entries[i][0]}: {res.seconds:.3f}s")
-    base_imgs = pipe.decode(results[0][0].latent)
-    base_t = statistics.median(secs[0])
+    results = run_plans(pipe, list(classes), entries, repeats=max(1, repeats), warmup=warmup, seed=seed,
+                        calibrate=True, decode=True, log=log)
+    base = results[0]
     rows = []
-    for i, (name, _plan) in enumerate(entries):
-        res, mem = results[i]
-        imgs = base_imgs if i == 0 else pipe.decode(res.latent)
-        psnr, ssim = psnr_ssim(imgs, base_imgs)
-        t = statistics.median(secs[i])
-        h = hooks[i]
+    for r in results:
+        psnr, ssim = psnr_ssim(r.images, base.images)
+        cache = r.policy(CachePolicy)
         rows.append({
-            "config": name,
-            "seconds": t,
-            "speedup": base_t / t,
-            "peak_mem_mb": res.stats.get("peak_mem_mb"),
-            "cache_mem_mb": (mem.get("cache_peak_bytes", 0) + mem.get("pruning_cache_peak_bytes", 0)) / 2**20,
+            "config": r.name,
+            "seconds": r.median,
+            "speedup": base.median / r.median,
+            "peak_mem_mb": r.stats.get("peak_mem_mb"),
+            "cache_mem_mb": (r.memory["cache_peak_bytes"] + r.memory["pruning_cache_peak_bytes"]) / 2**20,
             "psnr": None if psnr == float("inf") else psnr,
             "ssim": ssim,
-            "hit_rate": h.statistics()["hit_rate"] if isinstance(h, CachingHooks) else 0.0,
-            "tokens_forwarded": res.stats.get("tokens_forwarded"),
+            "hit_rate": cache.statistics()["hit_rate"] if cache is not None else 0.0,
+            "tokens_forwarded": r.stats.get("tokens_forwarded"),
         })
     return rows
-
-
-def _run(pipe, hooks: Hooks, classes, seed):
-    """One generation with ``hooks`` installed (the pipeline's plan=None path uses the model's hooks)."""
-    model = pipe.model
-    prev = model.hooks
-    model.hooks = hooks
-    try:
-        return pipe(list(classes), seed=seed, plan=None, decode=False)
-    finally:
-        model.hooks = prev
 
 
 def format_compare(rows: list[dict]) -> str:
@@ -169,16 +117,12 @@ def plot_compare(rows: list[dict], path: str | Path) -> Path:
         if r["psnr"] is None:
             axes[1].text(i, top, "∞", ha="center", va="bottom")
     fig.tight_layout()
+    from ..checkpoints import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(path) as f:
             fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         plt.close(fig)
     return path

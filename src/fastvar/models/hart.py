@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..accel.caching import CachingAPI
 from ..accel.hooks import IDENTITY, Hooks
 from ..layers.attention import KVCache, attend
 from ..layers.norm import RMSNorm
@@ -271,7 +272,7 @@ def block_causal_bias(lvl: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
 
 
 # ---------------------------------------------------------------------------------------------- model
-class HART(nn.Module):
+class HART(CachingAPI, nn.Module):
     """The HART transformer + diffusion head (``HARTForT2I``)."""
 
     family = "hart"

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..accel.caching import CachingAPI
 from ..accel.hooks import IDENTITY, Hooks
 from ..layers.attention import KVCache
 from ..layers.norm import RMSNorm
@@ -91,7 +92,7 @@ def infinity_guidance(cond: Tensor, uncond: Tensor, c: float) -> Tensor:
     return c * cond + (1 - c) * uncond
 
 
-class Infinity(nn.Module):
+class Infinity(CachingAPI, nn.Module):
     """The Infinity transformer. ``forward`` = teacher forcing; ``autoregressive_infer`` = generation."""
 
     family = "infinity"

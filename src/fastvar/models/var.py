@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..accel.caching import CachingAPI
 from ..accel.hooks import IDENTITY, Hooks
 from ..layers.attention import KVCache, attend
 from ..sampling import gumbel_softmax_smooth, sample_top_k_top_p_
@@ -157,7 +158,7 @@ def var_guidance(cond: Tensor, uncond: Tensor, t: float) -> Tensor:
     return (1 + t) * cond - t * uncond
 
 
-class VAR(nn.Module):
+class VAR(CachingAPI, nn.Module):
     """The VAR transformer. Defaults follow ``build_vae_var`` for the 256 px d16 model."""
 
     family = "var"
@@ -239,17 +240,6 @@ class VAR(nn.Module):
 
         return FlopDims(width=self.C, ffn_hidden=self.blocks[0].ffn.fc1.out_features, ffn_mats=2,
                         vocab_out=self.V, branches=("attn", "ffn"))
-
-    def set_cache_config(self, cfg, record: bool = False):
-        """Feature caching at runtime (CacheConfig, preset name or None); see fastvar.accel.caching."""
-        from ..accel.caching import set_cache_config
-
-        return set_cache_config(self, cfg, record)
-
-    def get_cache_statistics(self) -> dict:
-        from ..accel.caching import get_cache_statistics
-
-        return get_cache_statistics(self)
 
     def _set_kv_cache(self, on: bool) -> None:
         sizes = self.schedule.sizes
