@@ -190,7 +190,7 @@ def cmd_geneval(args) -> int:
     if detector_name is None:
         man = Path(args.images) / "manifest.json"
         model = json.loads(man.read_text()).get("model") if man.is_file() else None
-        detector_name = "procedural" if model == "embedded" else "mask2former"
+        detector_name = "procedural" if model in ("embedded", "embedded-t2i") else "mask2former"
     if detector_name == "mask2former" and not args.detector_weights:
         raise UsageError("--detector mask2former needs --detector-weights mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth "
                          "(GenEval's evaluation/download_models.sh); the built-in procedural images use --detector procedural")
