@@ -161,7 +161,7 @@ def test_no_transformers_in_a_fresh_process(assets):
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def test_cli_generate_compare_and_errors(assets, tmp_path, monkeypatch, capsys):
+def test_cli_generate_and_errors(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(et.ENV_DIR, str(tmp_path / "empty"))
     assert main(["generate", "--model", "embedded-t2i", "--prompts", "two red circles", "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
@@ -170,6 +170,17 @@ def test_cli_generate_compare_and_errors(assets, tmp_path, monkeypatch, capsys):
     assert main(["generate", "--model", "embedded-t2i", "--pn", "0.25M", "--out", str(tmp_path / "x")]) == 2
     assert "--pn: embedded-t2i has one architecture" in capsys.readouterr().err
 
+    monkeypatch.setenv(et.ENV_DIR, str(assets[0]))
+    out = tmp_path / "o"
+    assert main(["generate", "--model", "embedded-t2i", "--prompts", *PROMPTS, "--preset", "fastvar", "--seed", "0",
+                 "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "embedded-t2i" and report["plan"] == "fastvar" and report["images"] == 2
+    assert len(list(out.glob("0*.png"))) == 2
+
+
+@pytest.mark.slow  # --compare's PSNR/SSIM import torchmetrics (tens of seconds on a loaded machine)
+def test_cli_compare(assets, tmp_path, monkeypatch):
     monkeypatch.setenv(et.ENV_DIR, str(assets[0]))
     out = tmp_path / "o"
     assert main(["generate", "--model", "embedded-t2i", "--prompts", *PROMPTS, "--preset", "fastvar", "--compare",
