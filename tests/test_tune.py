@@ -254,3 +254,27 @@ def test_written_plan_with_caching_carries_its_similarity(pipe, tmp_path):
     a = pipe(CALIB.conditions, seed=0, plan=loaded)  # usable as it is: inference mode finds its data
     b = pipe(CALIB.conditions, seed=0, plan=plan_engine(plan, pipe.model.depth, similarity=t.similarity[c.sim_key]))
     assert torch.equal(a.images, b.images)
+
+
+def test_accuracy_and_psnr_scores():
+    from fastvar.train.data import ProceduralShapes
+
+    x, y = ProceduralShapes(seed=123, image_size=64).batch(list(range(6)))
+    imgs = x.add(1).div(2)
+    q = score_images(["accuracy", "psnr", "ssim"], imgs, imgs, [int(v) for v in y])
+    assert q["accuracy"] == 1.0 and q["psnr"] == 100.0 and q["ssim"] == 1.0
+    wrong = [(int(v) + 1) % 10 for v in y]
+    assert score_images(["accuracy"], imgs, imgs, wrong)["accuracy"] == 0.0
+    noisy = (imgs + 0.05 * torch.randn_like(imgs)).clamp(0, 1)
+    q2 = score_images(["psnr", "ssim"], noisy, imgs)
+    assert 20 < q2["psnr"] < 40 and q2["ssim"] < 1.0
+
+
+def test_time_limit_stops_the_search(pipe, tmp_path):
+    t = _tuner(pipe, tmp_path, time_limit_s=1e-3, presets=["skip-last"])
+    rep = t.run()
+    # the start point (the baseline itself, nothing generated) and no search move
+    assert [c["source"] for c in rep["candidates"]] == ["preset:skip-last", "start"]
+    assert t.generated == 1
+    if rep["chosen"] is not None:
+        assert rep["chosen"]["source"] == "preset:skip-last"
