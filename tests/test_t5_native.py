@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastvar.text.t5_native import T5Encoder, T5EncoderConfig, load_t5_state, relative_position_buckets
+from fastvar.text.t5_native import T5Encoder, T5EncoderConfig, load_t5_folder, load_t5_state, relative_position_buckets
 
 transformers = pytest.importorskip("transformers", reason="the reference T5 needs the test extra (transformers)")
 
@@ -81,3 +81,17 @@ def test_full_checkpoint_loads_and_bad_one_names_keys():
 def test_config_rejects_unknown_activation():
     with pytest.raises(ValueError, match="feed_forward_proj 'swish-x'"):
         T5EncoderConfig(vocab_size=4, feed_forward_proj="swish-x")
+
+
+def test_loads_a_saved_encoder_decoder_folder(tmp_path):
+    # a full T5 (encoder + decoder + LM head) saved the way released checkpoints are, loaded without transformers
+    torch.manual_seed(5)
+    full = transformers.T5ForConditionalGeneration(transformers.T5Config(**_ARCH, feed_forward_proj="gated-gelu"))
+    full.save_pretrained(tmp_path)
+    ours = load_t5_folder(tmp_path)
+    ids = torch.randint(3, _ARCH["vocab_size"], (2, 9))
+    with torch.no_grad():
+        want = full.get_encoder()(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(ours(ids), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_t5_folder(tmp_path / "nothing")

@@ -18,9 +18,12 @@ The architecture, as published for T5 / T5 v1.1:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["T5Encoder", "T5EncoderConfig", "load_t5_state", "relative_position_buckets"]
+__all__ = ["T5Encoder", "T5EncoderConfig", "load_t5_folder", "load_t5_state", "relative_position_buckets"]
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,31 @@ class T5Encoder(nn.Module):
         for m in self.modules():
             if isinstance(m, T5LayerNorm):
                 m.weight.fill_(1.0)
+
+
+def load_t5_folder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> T5Encoder:
+    """A :class:`T5Encoder` from a Hugging Face model folder (``config.json`` + ``*.safetensors``/``*.bin``,
+    sharded or not), e.g. a local clone of ``google/flan-t5-xl``; decoder weights are skipped."""
+    from ..checkpoints import read_state_dict
+
+    d = Path(folder).expanduser()
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{d}: no config.json; pass the folder of a T5 checkpoint (e.g. a clone of google/flan-t5-xl)")
+    cfg = T5EncoderConfig.from_dict(json.loads(cfg_file.read_text(encoding="utf-8")))
+    index = sorted(d.glob("*.index.json"))
+    if index:
+        files = sorted({d / f for f in json.loads(index[0].read_text(encoding="utf-8"))["weight_map"].values()})
+    else:
+        files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no *.safetensors or pytorch_model*.bin weights next to config.json")
+    sd: dict[str, Tensor] = {}
+    for f in files:
+        sd.update(read_state_dict(f, flag="T5 folder"))
+    model = T5Encoder(cfg)
+    load_t5_state(model, sd)
+    return model.to(dtype).eval()
 
 
 def load_t5_state(model: T5Encoder, state_dict: Mapping[str, Tensor]) -> None:
