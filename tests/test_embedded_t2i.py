@@ -190,3 +190,11 @@ def test_cli_compare(assets, tmp_path, monkeypatch):
     assert report["model"] == "embedded-t2i" and report["plan"] == "fastvar" and report["images"] == 2
     assert report["speedup"] > 0 and report["psnr_vs_baseline"] < 100  # the plan changed the images
     assert len(list((out / "baseline").glob("0*.png"))) == 2 and len(list((out / "fastvar").glob("0*.png"))) == 2
+
+
+def test_cli_default_prompts_use_only_known_words():
+    from fastvar.cli import MODEL_PROMPTS
+
+    tok = WordTokenizer(et.default_vocab(), strict=True)  # raises on any unknown word
+    for p in MODEL_PROMPTS["embedded-t2i"]:
+        assert tok.unk_id not in tok.encode(p)

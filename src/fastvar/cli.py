@@ -254,6 +254,11 @@ DEFAULT_PROMPTS = (
 )
 
 
+# Default prompts of models with a closed vocabulary (the photo prompts above would be mostly <unk> to them).
+MODEL_PROMPTS = {"embedded-t2i": ("two red circles", "a blue square to the left of a yellow triangle",
+                                  "three green rings", "a red cross above a blue circle")}
+
+
 def _conditions(args, spec) -> list:
     """Class ids (class-conditional models) or prompts (text-to-image models), repeated to --num-samples."""
     text = spec.family != "var"
@@ -262,7 +267,8 @@ def _conditions(args, spec) -> list:
     if not text and getattr(args, "prompts", None):
         raise CLIError(f"--prompts: {spec.name} is class-conditional; give --classes, not --prompts")
     if text:
-        conds = validate.prompts(args.prompts if args.prompts else list(DEFAULT_PROMPTS), "--prompts", spec.name)
+        default = MODEL_PROMPTS.get(spec.name, DEFAULT_PROMPTS)
+        conds = validate.prompts(args.prompts if args.prompts else list(default), "--prompts", spec.name)
     else:
         n_cls = spec.config["num_classes"]
         conds = validate.class_ids(args.classes if args.classes else list(range(min(n_cls, 10))), n_cls, "--classes",
