@@ -398,8 +398,8 @@ def _plan_identity(plan: AccelPlan | None) -> Any:
     if plan is None:
         return None
     d = plan.to_dict()
-    d.pop("name", None)
-    d.pop("description", None)
+    for k in ("name", "description", "strict"):  # strict only decides whether a missing ref is an error
+        d.pop(k, None)
     if d.get("cache"):
         d["cache"].pop("sim_path", None)
     return d
@@ -841,12 +841,16 @@ class Tuner:
     def search(self) -> None:
         """Lazy greedy over the knobs from the start point; see the module docstring.
 
-        Per knob: ``step`` (levels a move advances: doubled after an accepted move, halved after a move
-        that breaks the budget — bisection), ``eff`` (predicted seconds saved per unit of normalised budget
-        slack used, as last measured) and whether that measurement is ``fresh`` (made at the current
-        point). The best knob by ``eff`` moves only when its value is fresh; a stale best is re-measured
-        first. A knob whose move saves nothing predicted is not measured at all (checked again at every
-        new point: pruning more layers saves nothing until some scale is pruned).
+        A *move* is a knob and a kind: "step" advances the knob by its ``step`` (levels: doubled after
+        an accepted move, halved after a move that breaks the budget — bisection; a one-level step that
+        breaks it retires the knob: by monotonicity it breaks it from every later point too); "jump"
+        (keep knobs) goes straight to the knob's last level, skipping the scale, which saves more per
+        unit of quality than the pruning steps towards it suggest (no pivotal selection, no restore, no
+        sampling at that scale); a jump that breaks the budget retires the jump only. Each move's
+        ``eff`` (predicted seconds saved per unit of normalised budget slack used) is remembered with
+        whether it was measured at the current point (``fresh``); the best move is taken only when
+        fresh, a stale best is re-measured first. A move that saves nothing predicted is not measured
+        (checked again at every new point: pruning more layers saves nothing until a scale is pruned).
         """
         kn = {k.name: k for k in self.knobs}
         x = {k.name: 0 for k in self.knobs}
@@ -854,58 +858,73 @@ class Tuner:
         if cur is None:
             raise PlanError("the start point of the search is not a valid plan")
         step = {k.name: k.step for k in self.knobs}
-        alive = {k.name for k in self.knobs}
-        eff: dict[str, float] = {}
-        last: dict[str, tuple[dict[str, int], Candidate]] = {}
-        fresh: set[str] = set()
+        alive: set[tuple[str, str]] = {(k.name, "step") for k in self.knobs}
+        alive |= {(k.name, "jump") for k in self.knobs if k.kind == "keep"}
+        eff: dict[tuple[str, str], float] = {}
+        last: dict[tuple[str, str], tuple[dict[str, int], Candidate]] = {}
+        fresh: set[tuple[str, str]] = set()
         evals = 0
 
-        def target(name: str) -> dict[str, int]:
+        def target(move: tuple[str, str]) -> dict[str, int]:
+            name, kind = move
+            top = len(kn[name].levels) - 1
             y = dict(x)
-            y[name] = min(len(kn[name].levels) - 1, x[name] + step[name])
+            y[name] = top if kind == "jump" else min(top, x[name] + step[name])
             return y
 
+        def retire_knob(name: str) -> None:
+            for m in [m for m in alive if m[0] == name]:
+                alive.discard(m)
+
         while True:
-            alive = {n for n in alive if x[n] < len(kn[n].levels) - 1}
-            saving: dict[str, float] = {}
-            for n in sorted(alive):
+            for name in {m[0] for m in alive}:
+                if x[name] >= len(kn[name].levels) - 1:
+                    retire_knob(name)
+            saving: dict[tuple[str, str], float] = {}
+            for m in sorted(alive):
+                if m[1] == "jump" and target(m) == target((m[0], "step")):
+                    continue  # the step reaches the last level itself
                 try:
-                    saving[n] = cur.seconds_est - self.predict(self.plan_for(target(n)))["seconds_est"]
+                    saving[m] = cur.seconds_est - self.predict(self.plan_for(target(m)))["seconds_est"]
                 except PlanError:
-                    saving[n] = 0.0
-            live = [n for n in sorted(alive) if saving[n] > 1e-9 * max(cur.seconds_est, 1e-9)]
+                    saving[m] = 0.0
+            live = [m for m in sorted(saving) if saving[m] > 1e-9 * max(cur.seconds_est, 1e-9)]
             if not live:
                 break
             if self._out_of_time() or evals >= self.max_evals:
                 self.log("search stopped: " + ("time limit" if self._out_of_time() else "evaluation limit (--max-evals)"))
                 break
-            unprobed = [n for n in live if n not in eff]
-            name = unprobed[0] if unprobed else max(live, key=lambda n: (eff[n], n))
-            if name in fresh:  # the best move was measured at this point: take it
-                x, cur = last[name][0], last[name][1]
+            unprobed = [m for m in live if m not in eff]
+            move = unprobed[0] if unprobed else max(live, key=lambda m: (eff[m], m))
+            name, kind = move
+            if move in fresh:  # the best move was measured at this point: take it
+                x, cur = last[move][0], last[move][1]
                 self.log(f"      -> move {kn[name].describe(x[name])}: predicted {cur.speedup_est:.2f}x, "
                          f"slack {self.slack(cur):.3f}")
-                step[name] *= 2
+                if kind == "step":
+                    step[name] *= 2
                 fresh = set()
                 continue
-            y = target(name)
-            c = self._eval_point(y, f"{kn[name].describe(y[name])} (+{y[name] - x[name]})")
+            y = target(move)
+            c = self._eval_point(y, f"{kn[name].describe(y[name])} ({kind} +{y[name] - x[name]})")
             evals += 1
             if c is None:
-                alive.discard(name)
+                alive.discard(move)
                 continue
             if not c.meets:
-                eff.pop(name, None)
-                fresh.discard(name)
-                if step[name] > 1:
+                eff.pop(move, None)
+                fresh.discard(move)
+                if kind == "jump":
+                    alive.discard(move)
+                elif step[name] > 1:
                     step[name] = max(1, step[name] // 2)
                 else:
-                    alive.discard(name)  # monotone: one level further breaks the budget from here on
+                    retire_knob(name)
                 continue
             used = self.slack(cur) - self.slack(c)
-            eff[name] = saving[name] / max(used, 1e-6)
-            last[name] = (y, c)
-            fresh.add(name)
+            eff[move] = saving[move] / max(used, 1e-6)
+            last[move] = (y, c)
+            fresh.add(move)
         self.point = x
 
     # ------------------------------------------------------------------ timing
@@ -947,13 +966,14 @@ class Tuner:
         """The baseline's per-scale block seconds (recorder of a policy-free engine), median of repeats."""
         from .engine import Engine
 
-        key = self._condkey(self.calib)
+        one = CondSet(self.calib.conditions, self.calib.seeds[:1])
+        key = self._condkey(one)
         rec = self.state.find("profile", key)
         if rec is None:
             runs = []
             for i in range(self.warmup + self.repeats):
                 eng = Engine([], depth=self.model.depth)
-                _, secs, stats = self._run(eng, self.calib, decode=False)
+                _, secs, stats = self._run(eng, one, decode=False)
                 if i >= self.warmup:
                     per: dict[int, float] = {}
                     for st in stats:
@@ -964,8 +984,7 @@ class Tuner:
                    "scale_seconds": {str(si): statistics.median(r[1][si] for r in runs) for si in runs[0][1]}}
             self.state.append(rec)
         return CostModel(self.sizes, self.model.depth, self.model.flop_dims(), 2 * len(self.calib.conditions),
-                         rec["seconds"] / max(1, len(self.calib.seeds)),
-                         {int(k): v / max(1, len(self.calib.seeds)) for k, v in rec["scale_seconds"].items()})
+                         rec["seconds"], {int(k): v for k, v in rec["scale_seconds"].items()})
 
     # ------------------------------------------------------------------ presets
     def preset_plans(self) -> list[tuple[str, AccelPlan]]:
@@ -981,7 +1000,7 @@ class Tuner:
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> dict[str, Any]:
-        t_start = time.time()
+        t_start, cpu0 = time.time(), time.process_time()
         load0 = _loadavg()
         base_imgs, base_q = self.baseline(self.calib)
         for b in self.budgets:
@@ -1023,6 +1042,7 @@ class Tuner:
             heldout = self.heldout_check(chosen, preset_cands)
         report = self.report(chosen, preset_cands, heldout, base_q)
         report["wall_seconds"] = time.time() - t_start
+        report["cpu_seconds"] = time.process_time() - cpu0  # this process's CPU time: the load-free cost
         report["machine"] = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                              "loadavg_start": load0, "loadavg_end": _loadavg(),
                              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
@@ -1362,9 +1382,12 @@ def cmd_tune(args) -> int:
         print(f"wrote {png}")
     for line in summary_lines(report):
         print(line)
+    load = report["machine"]["loadavg_end"]
     print(f"wrote {plan_path or '(no plan: nothing meets the budget)'}" + (f" and {args.json}" if args.json else "")
-          + f" in {report['wall_seconds'] / 60:.1f} min ({report['evaluations']['generated']} candidates generated, "
-          f"{report['evaluations']['reused_from_state']} reused)")
+          + f" in {report['wall_seconds'] / 60:.1f} min wall, {report['cpu_seconds'] / 60:.1f} min CPU"
+          + (f" (load average {load[0]:.1f})" if load else "")
+          + f"; {report['evaluations']['generated']} candidates generated, "
+          f"{report['evaluations']['reused_from_state']} reused")
     return 0
 
 
