@@ -500,7 +500,8 @@ def cmd_bench(args) -> int:
     else:
         if args.classes:
             raise CLIError(f"--classes: {spec.name} is a text-to-image model; drop --classes (use --batch)")
-        conds = [f"benchmark prompt {i}" for i in range(args.batch)]
+        own = MODEL_PROMPTS.get(spec.name)
+        conds = [own[i % len(own)] if own else f"benchmark prompt {i}" for i in range(args.batch)]
     _family_kwargs(args, spec)
     _schedule_for(spec, args)  # --pn/--aspect before anything is built
     try:
