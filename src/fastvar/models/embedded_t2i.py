@@ -36,8 +36,9 @@ from .infinity import Infinity, InfinityConfig, load_infinity_state
 
 __all__ = [
     "ASSETS", "CONFIG_FILE", "DEFAULT_CONFIG", "ENV_DIR", "TRAIN_HINT", "VOCAB_FILE", "WEIGHT_FILES",
-    "EmbeddedT2IMissing", "build_embedded_t2i", "default_vocab", "embedded_t2i_files", "load_embedded_t2i_pipeline",
-    "resolve_config", "save_embedded_t2i", "schedule_of",
+    "EmbeddedT2IMissing", "assets_dir", "build_embedded_t2i", "caption_words", "check_embedded_t2i_files",
+    "default_vocab", "embedded_t2i_files", "load_embedded_t2i_pipeline", "resolve_config", "save_embedded_t2i",
+    "schedule_of",
 ]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -166,8 +167,10 @@ def build_embedded_t2i(
     """(text encoder, BSQ-VAE, Infinity) in eval mode, float32, on ``device``.
 
     ``weights``: an assets folder holding the five files (its json is the config unless ``config`` is
-    given), or None for random weights seeded by ``seed`` (the modules' default inits; the same seed gives
-    the same model on every machine). Training starts from the random build; generation loads a folder.
+    given; the shipped model: ``assets_dir()``), or None for random weights seeded by ``seed`` (the modules'
+    default inits; the same seed gives the same model on every machine). Training starts from the random
+    build; generation loads a folder (:func:`load_embedded_t2i_pipeline` does, from the package by default).
+    A ``"vocab"`` list in ``config`` (random build only) replaces :func:`default_vocab`.
     """
     if weights is None:
         vocab = list(config["vocab"]) if config is not None and "vocab" in config else default_vocab()
