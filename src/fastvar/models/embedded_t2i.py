@@ -65,25 +65,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "sampling": dict(cfg=3.0, tau=1.0, top_k=0, top_p=0.0),
 }
 
-# Stand-in used only while fastvar.train.t2i_data (the caption generator) is not installed.
-_PLACEHOLDER_WORDS = (
-    "a", "above", "and", "below", "blue", "circle", "circles", "cross", "crosses", "four", "green", "left", "of", "red",
-    "right", "ring", "rings", "square", "squares", "the", "three", "to", "triangle", "triangles", "two", "yellow",
-)
-
-
 class EmbeddedT2IMissing(FileNotFoundError):
     """The package (or the given folder) has no trained embedded-t2i files."""
 
 
 def caption_words() -> list[str]:
-    """Every word the procedural captions use (the tokenizer's vocabulary, specials excluded)."""
-    try:
-        from ..train.t2i_data import t2i_vocabulary
-    except ModuleNotFoundError as e:
-        if e.name != "fastvar.train.t2i_data":
-            raise
-        return list(_PLACEHOLDER_WORDS)
+    """Every word the procedural captions use (the tokenizer's vocabulary, specials excluded). A trained model
+    reads its own ``embedded_t2i_vocab.json`` instead, so a later change of the caption grammar cannot
+    shift the ids of a shipped model."""
+    from ..train.t2i_data import t2i_vocabulary
+
     return list(t2i_vocabulary())
 
 
