@@ -52,6 +52,8 @@ def apply_rope2d(q: Tensor, k: Tensor, cos2: Tensor, sin2: Tensor) -> tuple[Tens
         tf = t.float()
         pairs = tf.unflatten(-1, (-1, 2))
         swapped = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        if tf.requires_grad and torch.is_grad_enabled():  # training: the same products and sum, without out=
+            return torch.mul(tf, cos2).add(swapped * sin2).to(t.dtype)
         out = torch.empty_like(tf, memory_format=torch.contiguous_format)  # the tables broadcast into t's shape
         torch.mul(tf, cos2, out=out)
         return out.add_(swapped.mul_(sin2)).to(t.dtype)

@@ -24,6 +24,15 @@ _HELP = {
     "pg0": "progressive training: index of the last scale trained at the start",
     "pgwp": "progressive training: steps over which a new scale's loss weight ramps up",
     "moments_dtype": "dtype of the optimizer moments on disk: bf16 (half size) or fp32",
+    "schedule": "latent sides of the scales, comma-separated; the last = image size / VAE stride",
+    "bsq": "BSQ-VAE run directory (latest checkpoint) or .safetensors file with its .json config",
+    "bsc_rate": "Bitwise Self-Correction: flip probability of the teacher-forced bits (0 = off)",
+    "bsc_layers": "Bitwise Self-Correction: corrupt the first N scales (0 = all)",
+    "bsc_mode": "uniform: each step draws its rate from [0, --bsc-rate] (official); fixed: exactly --bsc-rate",
+    "text_mode": "joint (train the T5 with the transformer) | frozen (fixed T5, features cached per caption)",
+    "text_features": "precomputed features: a .safetensors file of caption -> (T, C) features (overrides --text-mode)",
+    "zero": "0 = DDP; 2 / 3 = FSDP (shard grads+optimizer / also parameters; needs CUDA)",
+    "reweight_by_scale": "official per-scale loss weights (sqrt(last area / scale area), normalised)",
 }
 
 
@@ -53,11 +62,13 @@ def add_train_subparsers(subparsers) -> argparse.ArgumentParser:
 
     Each sub-command sets ``func`` to a callable taking the parsed namespace.
     """
+    from .bsq_train import BSQ_DEFAULTS
+    from .infinity_train import INFINITY_DEFAULTS
     from .var_train import VAR_DEFAULTS
     from .vqvae_train import VQVAE_DEFAULTS
 
-    train = subparsers.add_parser("train", help="train a VQVAE or a VAR (torchrun-compatible)")
-    sub = train.add_subparsers(dest="train_command", required=True, metavar="{vqvae,var}")
+    train = subparsers.add_parser("train", help="train a VQVAE, VAR, BSQ-VAE or Infinity (torchrun-compatible)")
+    sub = train.add_subparsers(dest="train_command", required=True, metavar="{vqvae,var,bsq,infinity}")
     pv = sub.add_parser("vqvae", help="train the multi-scale VQVAE tokenizer",
                         description="Reconstruction + multi-scale VQ training; resumes from --out automatically.")
     _add_options(pv, VQVAE_DEFAULTS)
@@ -67,7 +78,31 @@ def add_train_subparsers(subparsers) -> argparse.ArgumentParser:
                         "Multi-process: torchrun --nproc_per_node N -m fastvar.cli train var ...")
     _add_options(pa, VAR_DEFAULTS)
     pa.set_defaults(func=_run_var)
+    pb = sub.add_parser("bsq", help="train a BSQ-VAE (Infinity's bitwise tokenizer)",
+                        description="Reconstruction + multi-scale BSQ (commitment, entropy) training; resumes from "
+                        "--out automatically.")
+    _add_options(pb, BSQ_DEFAULTS)
+    pb.set_defaults(func=_run_bsq)
+    pi = sub.add_parser("infinity", help="train a text-to-image Infinity on a frozen BSQ-VAE",
+                        description="Bit-label teacher forcing with Bitwise Self-Correction; resumes from --out "
+                        "automatically. Multi-process: torchrun --nproc_per_node N -m fastvar.cli train infinity ...")
+    _add_options(pi, INFINITY_DEFAULTS)
+    pi.set_defaults(func=_run_infinity)
     return train
+
+
+def _run_bsq(args: argparse.Namespace) -> int:
+    from .bsq_train import train_bsq
+
+    train_bsq(args)
+    return 0
+
+
+def _run_infinity(args: argparse.Namespace) -> int:
+    from .infinity_train import train_infinity
+
+    train_infinity(args)
+    return 0
 
 
 def _run_vqvae(args: argparse.Namespace) -> int:
