@@ -387,6 +387,15 @@ def cmd_generate(args) -> int:
         return (torch.cat(imgs) if decode else None), secs, stats
 
     try:
+        if isinstance(plan, str) and plan != "none" and args.benchmark is None:
+            # a preset with feature caching (turbo) has no similarity data: calibrate it on these conditions
+            # first, as --compare-configs does (the calibration run's output equals the uncached plan's)
+            from .accel import preset_for_model
+            from .eval.run import needs_calibration, prepare_hooks
+
+            if needs_calibration(preset_for_model(plan, pipe.model)):
+                plan = prepare_hooks(pipe.model, plan, calibrate=lambda h: run(h, decode=False), name=plan,
+                                     log=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
         if args.benchmark is not None:
             return _benchmark(args, spec, pipe, plan, conds)
         if args.compare and plan is not None:
@@ -558,8 +567,15 @@ def cmd_check_embedded(args) -> int:
     validate.device(args.device, "--device")
     if args.json is not None:
         validate.output_file(args.json, "--json")
-    res = check_embedded(samples=args.samples, seed=args.seed, device=args.device or "cpu")
-    print(f"accuracy {res['accuracy']:.3f} (gate 0.90) | recon PSNR {res['recon_psnr']:.2f} dB (gate 24) | "
+    from .accel import PlanError
+
+    plan = _load_plan(args)
+    try:
+        res = check_embedded(samples=args.samples, seed=args.seed, device=args.device or "cpu", plan=plan)
+    except PlanError as e:
+        raise CLIError(str(e)) from None
+    prefix = "" if plan is None else f"plan {res['plan']} | "
+    print(f"{prefix}accuracy {res['accuracy']:.3f} (gate 0.90) | recon PSNR {res['recon_psnr']:.2f} dB (gate 24) | "
           f"{'PASSED' if res['passed'] else 'FAILED'}")
     if args.json:
         atomic_write_text(json.dumps(res, indent=2, default=str), Path(args.json))
@@ -657,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--seed", type=cli_int, default=0)
     ce.add_argument("--device", default=None)
     ce.add_argument("--json", default=None)
+    _add_plan_args(ce)  # --preset / --plan: checker accuracy of samples generated under a plan
     ce.set_defaults(func=cmd_check_embedded)
 
     dm = sub.add_parser("demo", help="local web page (127.0.0.1): baseline and accelerated images side by side")

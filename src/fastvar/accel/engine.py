@@ -252,6 +252,10 @@ class Engine(Hooks):
             return True
         if any([p.cond_only(si) for p in self.policies]):
             self._cond_from = si
+            held = getattr(self.recorder, "_kv_layer", None)
+            if held:  # the backbone now drops the unconditional half of every cache
+                for layer in held:
+                    held[layer] //= 2
             return True
         return False
 

@@ -27,10 +27,13 @@ class KVCache:
     are then views of the filled part, with the same values a concatenation would give. Appending past
     the capacity falls back to concatenation, so a wrong hint costs speed, never correctness.
 
-    With ``hooks`` and ``layer`` every append asks ``hooks.kv_append(layer, k, v)`` what to *keep* of
-    the appended keys/values (KV-cache compression). The current scale's queries still attend to all of
-    its own keys (the returned views hold them); the kept subset replaces them at the next append, so
-    later scales see only what was kept. The identity hook returns its inputs and nothing is rewritten.
+    With ``hooks`` and ``layer`` every append asks ``hooks.kv_append(layer, k, v, ...)`` what to *keep*
+    of the appended keys/values (KV-cache compression; ``q``/``scale`` are the current queries and the
+    attention scale, ``past`` the keys held so far, for policies that score by attention). The current
+    scale's queries still attend to all of its own keys: the returned tensors are then a transient
+    concatenation of what is held and the whole current scale, freed after the attention, while only the
+    kept subset is stored (so the buffer needs only the budgeted tokens: ``hooks.kv_tokens`` sizes it).
+    The identity hook returns its inputs and the buffer path above is taken unchanged.
     """
 
     def __init__(self, capacity: int | None = None, layer: int | None = None, hooks=None) -> None:
@@ -40,28 +43,9 @@ class KVCache:
         self.v: Tensor | None = None
         self._kbuf: Tensor | None = None
         self._vbuf: Tensor | None = None
-        self._pending: tuple[int, Tensor, Tensor] | None = None
 
-    def _compact(self) -> None:
-        """Replace the last append (from position ``start``) by the subset the hook kept."""
-        start, kk, vv = self._pending
-        self._pending = None
-        if self._kbuf is not None and self.k.data_ptr() == self._kbuf.data_ptr():
-            m = kk.shape[2]
-            self._kbuf[:, :, start:start + m].copy_(kk)
-            self._vbuf[:, :, start:start + m].copy_(vv)
-            self.k, self.v = self._kbuf[:, :, :start + m], self._vbuf[:, :, :start + m]
-        else:
-            self.k = torch.cat((self.k[:, :, :start], kk), dim=2)
-            self.v = torch.cat((self.v[:, :, :start], vv), dim=2)
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self._pending is not None:
-            self._compact()
-        if self.hooks is not None:
-            kk, vv = self.hooks.kv_append(self.layer, k, v)
-            if kk is not k or vv is not v:
-                self._pending = (self.length, kk, vv)
+    def _store(self, k: Tensor, v: Tensor) -> None:
+        """Append ``k``/``v`` to what is held: into the buffer while it has room, else by concatenation."""
         n, old = k.shape[2], self.length
         if self.capacity is not None and old + n <= self.capacity:
             if self._kbuf is None:
@@ -78,11 +62,35 @@ class KVCache:
             self.v = torch.cat((self.v, v), dim=2)
             self._kbuf = self._vbuf = None
             self.capacity = None
+
+    def append(self, k: Tensor, v: Tensor, q: Tensor | None = None, scale: float | None = None) -> tuple[Tensor, Tensor]:
+        if self.hooks is not None:
+            if q is None:
+                kk, vv = self.hooks.kv_append(self.layer, k, v)
+            else:
+                kk, vv = self.hooks.kv_append(self.layer, k, v, q=q, scale=scale, past=self.k)
+            if kk is not k or vv is not v:  # a subset is kept: attend to held + all current, store the subset
+                ka = k if self.k is None else torch.cat((self.k, k), dim=2)
+                va = v if self.v is None else torch.cat((self.v, v), dim=2)
+                self._store(kk, vv)
+                return ka, va
+        self._store(k, v)
         return self.k, self.v
+
+    def keep_rows(self, n: int) -> None:
+        """Keep batch rows ``[0, n)`` only, for good (conditional-only CFG scales: the unconditional rows
+        are never attended again). The kept rows are copied so the dropped rows' memory is freed."""
+        if self.k is None or self.k.shape[0] <= n:
+            return
+        length = self.length
+        if self._kbuf is not None:
+            self._kbuf, self._vbuf = self._kbuf[:n].clone(), self._vbuf[:n].clone()
+            self.k, self.v = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
+        else:
+            self.k, self.v = self.k[:n].clone(), self.v[:n].clone()
 
     def clear(self) -> None:
         self.k = self.v = self._kbuf = self._vbuf = None
-        self._pending = None
 
     @property
     def length(self) -> int:

@@ -31,7 +31,7 @@ from ..layers.attention import KVCache, attend
 from ..layers.norm import RMSNorm
 from ..sampling import gumbel_softmax_smooth, make_generator, sample_top_k_top_p_
 from ..schedules import Schedule
-from .hart_diffusion import DiffLoss, TimestepEmbedder
+from .hart_diffusion import DiffLoss, TimestepEmbedder, diffusion_guidance
 from .var import DropPath, var_guidance
 
 HART_PATCH_NUMS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
@@ -192,7 +192,7 @@ class HARTAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
-            k, v = self.kv_cache.append(k, v)
+            k, v = self.kv_cache.append(k, v, q, self.scale)
         out = attend(q, k, v, scale=self.scale, mask=attn_bias)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -471,9 +471,14 @@ class HART(CachingAPI, nn.Module):
         hooks.begin(self.schedule.sizes, 2 * B, dev)
         self._set_kv_cache(True)
         try:
+            rows = 2 * B  # B from the first conditional-only scale on (hooks.cond_only)
             for si, pn in enumerate(self.patch_nums):
                 if hooks.skip_scale(si):
                     continue
+                if rows == 2 * B and hooks.cond_only(si):
+                    rows, cond, pos2, offset = B, cond[:B], pos2[:B], offset[:B]
+                    for blk in self.blocks:
+                        blk.attn.kv_cache.keep_rows(B)
                 last = si == SN - 1
                 ratio = (si if not last else SN - 2) / (SN - 1) if SN > 1 else 0.0
                 if si == 0:
@@ -483,7 +488,8 @@ class HART(CachingAPI, nn.Module):
                     bg, ed = self.begin_ends[si]
                     nxt = F.interpolate(f_hat, size=(pn, pn), mode="area") if pn != P else f_hat
                     x = self.word_embed(nxt.view(B, self.Cvae, -1).transpose(1, 2).to(cond.dtype)) + lvl_pos[:, bg:ed]
-                    x = x.repeat(2, 1, 1)
+                    if rows == 2 * B:
+                        x = x.repeat(2, 1, 1)
                     rope = self._image_rope(si, offset)
                 hooks.begin_scale(si, (pn, pn))
                 # The text prefill is not a token map: accelerations only see image scales.
@@ -493,7 +499,10 @@ class HART(CachingAPI, nn.Module):
                 hooks.end_scale(si)
                 t = cfg * ratio
                 logits = self.get_logits(x, cond)
-                logits = hooks.guidance(si, logits[:B], logits[B:], t, var_guidance)
+                if rows == 2 * B:
+                    logits = hooks.guidance(si, logits[:B], logits[B:], t, var_guidance)
+                else:
+                    logits = hooks.guidance(si, logits, None, t, var_guidance)
                 if si == 0:
                     logits = logits[:, [-1], :]
                 if trace is not None:
@@ -510,9 +519,14 @@ class HART(CachingAPI, nn.Module):
                     continue
                 if residual_diffusion:
                     d = self.word_embed(emb(idx).to(x.dtype))
-                    z = self.decoder_norm(x + torch.cat((d, d)))
-                    res = self.diffloss.sample(z.reshape(2 * B * pn * pn, -1), 1.0, t, diffusion_generator)
-                    res = res.reshape(2 * B, pn * pn, -1)[:B].to(h.dtype)
+                    z = self.decoder_norm(x + torch.cat((d, d)) if rows == 2 * B else x + d)
+
+                    def guide(c: Tensor, u: Tensor | None, w: float, si: int = si) -> Tensor:
+                        return hooks.guidance(si, c, u, w, diffusion_guidance, where="diffusion")
+
+                    res = self.diffloss.sample(z.reshape(rows * pn * pn, -1), 1.0, t, diffusion_generator,
+                                               guide=guide, cond_only=rows == B)
+                    res = res.reshape(rows, pn * pn, -1)[:B].to(h.dtype)
                     if trace is not None:
                         trace["diffusion_cfg"], trace["diffusion_cond"], trace["residual"] = t, z[:B], res
                     h = h + res

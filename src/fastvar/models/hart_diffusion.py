@@ -13,6 +13,7 @@ and its global-RNG draw order, which is what makes a seeded residual bit-compara
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,6 +47,14 @@ class TimestepEmbedder(nn.Module):
         if t.ndim == 2:
             return self.forward(t[0]).unsqueeze(0)
         return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+Guide = Callable[[Tensor, "Tensor | None", float], Tensor]
+
+
+def diffusion_guidance(cond_eps: Tensor, uncond_eps: Tensor, cfg_scale: float) -> Tensor:
+    """The diffusion head's CFG arithmetic, op for op as the official code: cond·(1 + s) − s·uncond."""
+    return cond_eps * (1 + cfg_scale) - cfg_scale * uncond_eps
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -115,14 +124,24 @@ class SimpleMLPAdaLN(nn.Module):
             x = blk(x, y)
         return self.final_layer(x, y)
 
-    def forward_with_cfg(self, x: Tensor, t: Tensor, c: Tensor, cfg_scale: float) -> Tensor:
-        """Rows are [cond | uncond]; both halves see the FIRST half of x and only eps is guided."""
+    def forward_with_cfg(self, x: Tensor, t: Tensor, c: Tensor, cfg_scale: float, guide: Guide | None = None) -> Tensor:
+        """Rows are [cond | uncond]; both halves see the FIRST half of x and only eps is guided
+        (``guide(cond_eps, uncond_eps, cfg_scale)``: the engine's guidance hook; default the official mix)."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, c)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = cond_eps * (1 + cfg_scale) - cfg_scale * uncond_eps
+        half_eps = (guide or diffusion_guidance)(cond_eps, uncond_eps, cfg_scale)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+    def forward_cond_only(self, x: Tensor, t: Tensor, c: Tensor, cfg_scale: float, guide: Guide | None = None) -> Tensor:
+        """The conditional rows alone (a conditional-only scale): eps goes through ``guide`` with no
+        unconditional eps (``None``), which returns the conditional eps unless a policy estimates one."""
+        out = self.forward(x, t, c)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
+        if guide is not None:
+            eps = guide(eps, None, cfg_scale)
+        return torch.cat([eps, rest], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -263,7 +282,8 @@ class DiffLoss(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0, generator: torch.Generator | None = None
+        self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0, generator: torch.Generator | None = None,
+        guide: Guide | None = None, cond_only: bool = False,
     ) -> Tensor:
         """Residual tokens for conditions ``z`` (rows [cond | uncond] when ``cfg != 1``), times 0.6.
 
@@ -271,7 +291,14 @@ class DiffLoss(nn.Module):
         CFG), then one normal draw over ALL rows at every step, even the last one where it is unused.
         Without a ``generator`` the initial noise comes from the CPU global generator and the step noise
         from the global generator of z's device, exactly like the reference on GPU.
+
+        ``guide``: where eps is guided (the engine's guidance hook; default the official arithmetic).
+        ``cond_only`` (with ``cfg != 1``): ``z`` holds the conditional rows only (a conditional-only scale);
+        the net runs on them alone, and the step noise is still drawn for both halves (the first half
+        used), so the RNG stream and the result equal forwarding both halves and keeping the conditional.
         """
+        if cond_only and cfg != 1.0:
+            return self._sample_cond_only(z, temperature, cfg, generator, guide)
         n = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
         if generator is None:
             noise = torch.randn(n, self.in_channels).to(device=z.device, dtype=z.dtype)
@@ -281,7 +308,7 @@ class DiffLoss(nn.Module):
             noise = torch.cat([noise, noise], dim=0)
 
             def model(x: Tensor, t: Tensor) -> Tensor:
-                return self.net.forward_with_cfg(x, t, z, cfg)
+                return self.net.forward_with_cfg(x, t, z, cfg, guide)
         else:
 
             def model(x: Tensor, t: Tensor) -> Tensor:
@@ -301,5 +328,29 @@ class DiffLoss(nn.Module):
             x = mean + nonzero * torch.exp(0.5 * log_var) * step_noise * temperature
         return x * self.vae_scale
 
+    def _sample_cond_only(self, z: Tensor, temperature: float, cfg: float, generator: torch.Generator | None,
+                          guide: Guide | None) -> Tensor:
+        """:meth:`sample` for the conditional rows only, drawing what the two-half sampler draws."""
+        n = z.shape[0]
+        if generator is None:
+            x = torch.randn(n, self.in_channels).to(device=z.device, dtype=z.dtype)
+        else:
+            x = torch.randn(n, self.in_channels, generator=generator, device=generator.device).to(z.device, z.dtype)
+        d = self.gen_diffusion
+        tmap = torch.tensor(d.timestep_map, device=z.device)
+        for i in reversed(range(d.num_timesteps)):
+            t = torch.full((n,), i, dtype=torch.long, device=z.device)
+            out = self.net.forward_cond_only(x, tmap[t], z, cfg, guide)
+            mean, log_var, _ = d.p_mean_variance(out, x, t, clip=True)
+            shape = (2 * n, x.shape[1])
+            if generator is None:
+                step_noise = torch.randn(shape, device=x.device, dtype=x.dtype)[:n]
+            else:
+                step_noise = torch.randn(shape, generator=generator, device=generator.device)[:n].to(x.device, x.dtype)
+            nonzero = float(i != 0)
+            x = mean + nonzero * torch.exp(0.5 * log_var) * step_noise * temperature
+        return x * self.vae_scale
 
-__all__ = ["DiffLoss", "SimpleMLPAdaLN", "SpacedDiffusion", "TimestepEmbedder", "space_timesteps", "timestep_embedding"]
+
+__all__ = ["DiffLoss", "diffusion_guidance", "SimpleMLPAdaLN",
+           "SpacedDiffusion", "TimestepEmbedder", "space_timesteps", "timestep_embedding"]

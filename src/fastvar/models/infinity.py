@@ -326,6 +326,12 @@ class Infinity(CachingAPI, nn.Module):
             for si, (h, w) in enumerate(sizes):
                 if hooks.skip_scale(si):
                     continue
+                if use_cfg and bs == 2 * B and hooks.cond_only(si):  # from here on the conditional half only
+                    sos, gss, txt = sos[:B], gss[:B], txt.narrow(B)
+                    memo = {i: k.narrow(B, bs) for i, k in memo.items()}
+                    for cache in caches:
+                        cache.keep_rows(B)
+                    bs = B
                 if si == 0:
                     x = sos.unsqueeze(1).expand(bs, 1, -1) + self.pos_start.expand(bs, 1, -1)
                 else:
@@ -344,14 +350,21 @@ class Infinity(CachingAPI, nn.Module):
                     for blk in chunk:
                         x = blk(x, gss, txt, step, hooks)
                         if cfgs[si] != 1 and blk.layer_idx in mix_after:
-                            x = cfgs[si] * x[:B] + (1 - cfgs[si]) * x[B:]
-                            x = torch.cat((x, x), 0)
+                            site = f"hidden:{blk.layer_idx}"
+                            if bs == 2 * B:
+                                x = hooks.guidance(si, x[:B], x[B:], cfgs[si], infinity_guidance, where=site)
+                                x = torch.cat((x, x), 0)
+                            else:
+                                x = hooks.guidance(si, x, None, cfgs[si], infinity_guidance, where=site)
                 hooks.end_scale(si)
 
                 c = cfgs[si]
                 if c != 1 and on_logits:
                     logits = self.get_logits(x, sos).mul(1 / taus[si])
-                    logits = hooks.guidance(si, logits[:B], logits[B:], c, infinity_guidance)
+                    if bs == 2 * B:
+                        logits = hooks.guidance(si, logits[:B], logits[B:], c, infinity_guidance)
+                    else:
+                        logits = hooks.guidance(si, logits, None, c, infinity_guidance)
                 else:
                     logits = self.get_logits(x[:B], sos[:B]).mul(1 / taus[si])
                 logits = logits.reshape(B, -1, 2)

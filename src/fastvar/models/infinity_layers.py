@@ -68,6 +68,11 @@ class TextKV:
     kv: Tensor
     segments: list[tuple[int, int]]
 
+    def narrow(self, n: int) -> TextKV:
+        """The first ``n`` captions (conditional-only CFG scales drop the unconditional ones)."""
+        segs = self.segments[:n]
+        return TextKV(self.kv[: segs[-1][1]] if segs else self.kv[:0], segs)
+
 
 @dataclass
 class CrossKV:
@@ -82,6 +87,15 @@ class CrossKV:
     scale: float
     k: Tensor | list[Tensor]
     v: Tensor | list[Tensor]
+
+    def narrow(self, n: int, batch: int) -> CrossKV:
+        """The keys/values of the first ``n`` of ``batch`` captions (same tensors, sliced: bit-identical)."""
+        if not self.packed:
+            return CrossKV(False, self.emulate, self.scale, self.k[:n], self.v[:n])
+        if self.emulate:  # (batch·H, ·, ·) head-major rows
+            m = n * (self.k.shape[0] // batch)
+            return CrossKV(True, True, self.scale, self.k[:m], self.v[:m])
+        return CrossKV(True, False, self.scale, self.k[:n], self.v[:n])
 
 
 def prepare_cross_kv(kv: Tensor, segments: list[tuple[int, int]], emulate: bool, scale: float) -> CrossKV:
@@ -225,7 +239,7 @@ class SelfAttention(nn.Module):
             v = v.contiguous()  # otherwise the cache copies v (into its buffer, or by concatenation)
         q, k = apply_rope2d(q, k, cos, sin)  # contiguous outputs: no copy of the permuted q, k before
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v, q, 1.0)
         out = attend(q, k, v, scale=1.0, mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -252,6 +266,14 @@ class BlockConstants:
     shift2: Tensor
     sa: tuple[Tensor, Tensor]
     ca_kv: CrossKV
+
+    def narrow(self, n: int, batch: int) -> BlockConstants:
+        """The constants of the first ``n`` of ``batch`` rows (conditional-only CFG scales)."""
+        def rows(t: Tensor) -> Tensor:
+            return t[:n] if t.shape[0] == batch else t
+
+        return BlockConstants(rows(self.gamma1), rows(self.gamma2), rows(self.scale1p), rows(self.scale2p),
+                              rows(self.shift1), rows(self.shift2), self.sa, self.ca_kv.narrow(n, batch))
 
 
 @dataclass

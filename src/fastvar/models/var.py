@@ -68,7 +68,7 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
             k = F.normalize(k, dim=-1)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.append(k, v)
+            k, v = self.kv_cache.append(k, v, q, self.scale)
         out = attend(q, k, v, scale=self.scale, mask=attn_bias)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -327,20 +327,26 @@ class VAR(CachingAPI, nn.Module):
         hooks.begin(self.schedule.sizes, 2 * B, dev)
         self._set_kv_cache(True)
         try:
+            rows = 2 * B  # B from the first conditional-only scale on (hooks.cond_only)
             for si, pn in enumerate(self.patch_nums):
                 if hooks.skip_scale(si):
                     continue
+                if rows == 2 * B and hooks.cond_only(si):
+                    rows, cond, cond_in = B, cond[:B], cond_in[:B]
+                    for blk in self.blocks:
+                        blk.attn.kv_cache.keep_rows(B)
                 bg, ed = begin_ends[si]
                 if si == 0:
                     x = (
-                        cond.unsqueeze(1).expand(2 * B, self.first_l, -1)
-                        + self.pos_start.expand(2 * B, self.first_l, -1)
+                        cond.unsqueeze(1).expand(rows, self.first_l, -1)
+                        + self.pos_start.expand(rows, self.first_l, -1)
                         + lvl_pos[:, : self.first_l]
                     )
                 else:
                     nxt = F.interpolate(f_hat, size=(pn, pn), mode="area") if pn != P else f_hat
                     x = self.word_embed(nxt.view(B, self.Cvae, -1).transpose(1, 2)) + lvl_pos[:, bg:ed]
-                    x = x.repeat(2, 1, 1)
+                    if rows == 2 * B:
+                        x = x.repeat(2, 1, 1)
                 hooks.begin_scale(si, (pn, pn))
                 for blk in self.blocks:
                     x = blk(x, cond_in, None, hooks)
@@ -348,7 +354,10 @@ class VAR(CachingAPI, nn.Module):
                 logits = self.get_logits(x, cond)
                 ratio = si / (SN - 1) if SN > 1 else 0.0
                 t = cfg * ratio
-                guided = hooks.guidance(si, logits[:B], logits[B:], t, var_guidance)
+                if rows == 2 * B:
+                    guided = hooks.guidance(si, logits[:B], logits[B:], t, var_guidance)
+                else:
+                    guided = hooks.guidance(si, logits, None, t, var_guidance)
                 if trace is not None:
                     trace.setdefault("raw_logits", []).append(logits)
                     trace.setdefault("guided_logits", []).append(guided.clone())

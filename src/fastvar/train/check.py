@@ -67,8 +67,12 @@ def sample_accuracy(var, vae, samples: int, seed: int, sampling: dict[str, Any],
 
 
 def check_embedded(samples: int = 100, seed: int = 0, device: str = "cpu", recon_images: int = 64,
-                   assets: str | Path | None = None) -> dict[str, Any]:
-    """Both quality gates of the shipped model: ``{"accuracy", "recon_psnr", ...}``."""
+                   assets: str | Path | None = None, plan: Any = None) -> dict[str, Any]:
+    """Both quality gates of the shipped model: ``{"accuracy", "recon_psnr", ...}``.
+
+    ``plan`` (a preset name, an AccelPlan or None): the samples are generated under it, so a plan's
+    effect on checker accuracy is measured with the same seeds as the baseline's.
+    """
     from .. import validate
     from .embedded import load_embedded
 
@@ -77,7 +81,13 @@ def check_embedded(samples: int = 100, seed: int = 0, device: str = "cpu", recon
     validate.device(device, "--device")
     var, vae, cfg = load_embedded(device, assets)
     torch.manual_seed(seed)
-    acc = sample_accuracy(var, vae, samples, seed, cfg["sampling"])
+    from ..accel import apply, remove
+
+    hooks = apply(var, plan)
+    try:
+        acc = sample_accuracy(var, vae, samples, seed, cfg["sampling"])
+    finally:
+        remove(var)
     rp = recon_psnr(vae, n=recon_images, image_size=int(cfg["image_size"]))
     return {
         "accuracy": acc["accuracy"],
@@ -90,4 +100,5 @@ def check_embedded(samples: int = 100, seed: int = 0, device: str = "cpu", recon
         "passed": acc["accuracy"] >= 0.9 and rp >= 24.0,
         "vqvae_step": cfg.get("vqvae_step"),
         "var_step": cfg.get("var_step"),
+        "plan": getattr(getattr(hooks, "plan", None), "name", None) if plan is not None else "none",
     }
