@@ -278,3 +278,26 @@ def test_time_limit_stops_the_search(pipe, tmp_path):
     assert t.generated == 1
     if rep["chosen"] is not None:
         assert rep["chosen"]["source"] == "preset:skip-last"
+
+
+def test_kv_budget_saving_matches_the_keys_attention_really_read(pipe):
+    """The cost model's KV term against the recorder's exact bytes read by every attention call."""
+    from fastvar.accel.tune import kv_attention_delta
+
+    plan = AccelPlan(keep={"8": 0.5}, layers=(1, 4), branches=("attn", "ffn"),
+                     kv={"keep": {"4": 0.5, "6": 0.35}, "score": "dist"})
+    eng = plan_engine(plan, pipe.model.depth)
+    pipe(CALIB.conditions, seed=0, plan=eng, decode=False)
+    rec, dims, sizes = eng.recorder, pipe.model.flop_dims(), pipe.model.schedule.sizes
+    counts = predict_counts(plan, sizes, pipe.model.depth, dims.branches)
+    assert counts == rec.counts
+    rows, C = 2 * len(CALIB.conditions), dims.width
+    expected: dict[int, float] = {}
+    for (si, layer), nbytes in rec.kv_attended.items():
+        read = nbytes / (2 * rows * C * 4)  # K and V, fp32
+        n = counts[(si, layer, "attn")][1]
+        full = sum(counts[(s, layer, "attn")][1] for s in range(si + 1))
+        if read != full:
+            expected[si] = expected.get(si, 0.0) + 4 * n * C * rows * (read - full)
+    got = kv_attention_delta(counts, sizes, pipe.model.depth, dims, rows, {}, {3: 0.5, 4: 0.35})
+    assert expected and got == pytest.approx(expected)

@@ -291,15 +291,49 @@ class CostModel:
         self.base_scale_flops = base["scale_flops"]
         self.outside = max(0.0, self.total_seconds - sum(self.scale_seconds.values()))
 
-    def predict(self, counts: Counts, rows: dict[int, int] | None = None) -> dict[str, float]:
+    def predict(self, counts: Counts, rows: dict[int, int] | None = None,
+                kv: dict[int, float] | None = None) -> dict[str, float]:
+        """Predicted seconds, speedup and FLOP ratio of a generation with these token ``counts``,
+        ``rows`` (batch rows of conditional-only scales) and ``kv`` (scale -> fraction of its appended
+        keys/values kept for later scales: their attention reads fewer keys; the FLOP counter itself
+        counts attention over every computed token, so the KV term is added here)."""
         f = estimate_flops(counts, self.sizes, self.dims, self.batch, rows) if rows else \
             estimate_flops(counts, self.sizes, self.dims, self.batch)
+        scale_flops = dict(f["scale_flops"])
+        total = f["total_flops"]
+        if kv:
+            for si, d in kv_attention_delta(counts, self.sizes, self.depth, self.dims, self.batch, rows or {}, kv).items():
+                scale_flops[si] = scale_flops.get(si, 0.0) + d
+                total += d
         secs = self.outside
         for si, t in self.scale_seconds.items():
             bf = self.base_scale_flops.get(si, 0.0)
-            secs += t * (f["scale_flops"].get(si, 0.0) / bf if bf else 1.0)
+            secs += t * (scale_flops.get(si, 0.0) / bf if bf else 1.0)
         return {"seconds_est": secs, "speedup_est": self.total_seconds / max(secs, 1e-12),
-                "flop_ratio": f["total_flops"] / self.base_flops, "total_flops": f["total_flops"]}
+                "flop_ratio": total / self.base_flops, "total_flops": total}
+
+
+def kv_attention_delta(counts: Counts, sizes: Sequence[tuple[int, int]], depth: int, dims: FlopDims, batch: int,
+                       rows: dict[int, int], kv: dict[int, float]) -> dict[int, float]:
+    """Attention FLOPs saved per scale (negative numbers) when scale ``si`` keeps ``ceil(kv[si] · n)`` of the
+    ``n`` keys/values it appends (the KV policy's budget): later scales attend over fewer keys; a scale
+    still attends to all its own keys. Mirrors :func:`estimate_flops`' attention term (4·n·kv·C per row)."""
+    C = dims.width
+    delta: dict[int, float] = {}
+    for layer in range(depth):
+        held_full = held = dims.prefix_kv
+        for si in range(len(sizes)):
+            c = counts.get((si, layer, "attn"))
+            if c is None:
+                continue
+            n = c[1]
+            d = 4.0 * n * C * rows.get(si, batch) * (held - held_full)
+            if d:
+                delta[si] = delta.get(si, 0.0) + d
+            held_full += n
+            fr = kv.get(si)
+            held += n if fr is None or not n else (0 if fr == 0.0 else max(1, min(n, math.ceil(fr * n - 1e-9))))
+    return delta
 
 
 # ============================================================================================== knobs
@@ -595,7 +629,7 @@ class Tuner:
         if plan is not None and plan.cache is not None and plan.cache.skip_stages and not plan.cache.calibration:
             sim_key, sim = self.similarity_for(plan.cache)
         counts = predict_counts(plan, self.sizes, self.model.depth, self.model.flop_dims().branches, sim)
-        est = self.cost.predict(counts, self.rows(plan))
+        est = self.cost.predict(counts, self.rows(plan), self.kv_fractions(plan))
         key = _digest({"cs": self._condkey(self.calib), "plan": _plan_identity(plan), "sim": sim_key,
                        "metrics": self.metrics})
         if key in self._by_key:
@@ -724,11 +758,13 @@ class Tuner:
         return [Knob("cfg-cut", "guidance", [None, *(f"#-{k}" for k in range(1, n_max + 1))], step=1)]
 
     def kv_knobs(self) -> list[Knob]:
-        """Extension point (the ``kv`` plan field, KV-cache budgets): none yet. The FLOP counter does not
-        see a KV budget (attention FLOPs are counted from the tokens a scale computes), so the cost model
-        would predict no saving and the search would never measure it; a KV knob needs the attention FLOPs
-        of a budgeted cache first. It would be a ladder of ``kv.keep`` fractions on the tunable scales."""
-        return []
+        """KV-cache budget: the fraction of their keys/values the tunable scales (but the last, which no
+        scale reads) keep for later scales, every layer alike, scored by distance to the mean key (no
+        queries needed: the cheapest score, so the budget's saving is not spent on choosing). Its saving
+        is the later scales' attention (:func:`kv_attention_delta`)."""
+        if len(self.scales) < 2:
+            return []
+        return [Knob("kv", "kv", [None, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1], step=2)]
 
     def plan_for(self, point: dict[str, int]) -> AccelPlan:
         """The plan of a point of the knob lattice."""
@@ -746,6 +782,8 @@ class Tuner:
                 cache = dataclasses.replace(self.cache_cfg, threshold=float(v))
             elif k.kind == "guidance" and v is not None:
                 extra["guidance"] = {"cond_only_from": v}
+            elif k.kind == "kv" and v is not None:
+                extra["kv"] = {"keep": {self._ref(si): float(v) for si in self.scales[:-1]}, "score": "dist"}
         sched = Schedule(self.sizes)
         pruned = sorted(sched.resolve(r) for r, v in keep.items() if v > 0.0)
         skipped = {sched.resolve(r) for r, v in keep.items() if v == 0.0}
@@ -826,7 +864,20 @@ class Tuner:
         if plan is not None and plan.cache is not None and plan.cache.skip_stages and not plan.cache.calibration:
             sim = self.similarity_for(plan.cache)[1]
         counts = predict_counts(plan, self.sizes, self.model.depth, self.model.flop_dims().branches, sim)
-        return self.cost.predict(counts, self.rows(plan))
+        return self.cost.predict(counts, self.rows(plan), self.kv_fractions(plan))
+
+    def kv_fractions(self, plan: AccelPlan | None) -> dict[int, float]:
+        """Scale -> fraction of its keys/values kept, for a plan whose ``kv`` budget applies to every layer
+        with one fraction per scale (what the KV knob writes; other KV plans are predicted without it)."""
+        kv = getattr(plan, "kv", None)
+        if kv is None or kv.is_identity or kv.layers is not None or kv.drafters is not None:
+            return {}
+        out = {}
+        for ref, f in kv.keep.items():
+            si = self.rows_from(ref)
+            if si is not None and f < 1.0:
+                out[si] = f
+        return out
 
     def rows(self, plan: AccelPlan | None) -> dict[int, int]:
         """Batch rows per scale where they differ from the CFG-doubled batch (conditional-only scales)."""
