@@ -170,6 +170,8 @@ def test_cli_generate_and_errors(assets, tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 0 and "embedded_t2i_t5.safetensors" in err and "train.sh" in err
     assert main(["generate", "--model", "embedded-t2i", "--pn", "0.25M", "--out", str(tmp_path / "x")]) == 2
     assert "--pn: embedded-t2i has one architecture" in capsys.readouterr().err
+    assert main(["generate", "--model", "embedded-t2i", "--resolution", "256", "--out", str(tmp_path / "x")]) == 2
+    assert "embedded-t2i has one resolution" in capsys.readouterr().err
 
     monkeypatch.setenv(et.ENV_DIR, str(assets[0]))
     out = tmp_path / "o"

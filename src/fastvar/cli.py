@@ -109,7 +109,8 @@ def _check_model_args(args, spec) -> None:
                        f"multiple of the head count, e.g. --width {args.heads * max(1, args.width // args.heads)}")
     if args.resolution is not None:
         if spec.family != "var":
-            alt = "use --pn for the pixel budget" if spec.family == "infinity" else f"{spec.name} has one resolution"
+            fixed = spec.family != "infinity" or "patch_nums" in spec.config  # embedded-t2i: one schedule
+            alt = f"{spec.name} has one resolution" if fixed else "use --pn for the pixel budget"
             raise CLIError(f"--resolution {args.resolution}: applies to VAR models only; drop it ({alt})")
         if spec.name == "embedded" and args.resolution != spec.resolution:
             raise CLIError(f"--resolution {args.resolution}: the embedded model generates {spec.resolution}px only; "
