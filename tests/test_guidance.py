@@ -275,3 +275,17 @@ def test_cfg_cut_preset_runs_on_the_pipelines(case):
     assert res.stats["plan"] == "cfg-cut"
     assert res.stats["rows_per_scale"][str(n - 1)] == B and res.stats["rows_per_scale"][str(n - 3)] == 2 * B
     assert res.stats["total_flops"] < base.stats["total_flops"]
+
+
+def test_cli_check_embedded_takes_a_plan_and_plan_prints_the_guidance_field(tmp_path, capsys):
+    from fastvar.cli import main
+
+    assert main(["check-embedded", "--preset", "warp-speed"]) == 2  # refused before any model loads
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"guidance": {"cond_only_from": "13y"}}')
+    assert main(["check-embedded", "--plan", str(bad)]) == 2
+    assert "guidance.cond_only_from" in capsys.readouterr().err
+    assert main(["plan", "cfg-cut", "--family", "hart"]) == 0
+    assert json.loads(capsys.readouterr().out)["guidance"]["cond_only_from"] == "#-2"
+    assert main(["plan", "--list"]) == 0
+    assert "cfg-cut" in capsys.readouterr().out
