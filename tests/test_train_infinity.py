@@ -204,3 +204,22 @@ def test_torchrun_two_processes_cpu(tmp_path, tiny_bsq):
     # resumable: a longer run continues at step 2 (single process)
     train_infinity(dict(TINY_INF, out=str(out), bsq=str(tiny_bsq), steps=3, ckpt_every=1, batch_size=1))
     assert json.loads((out / "latest.json").read_text())["step"] == 3
+
+
+def test_train_infinity_on_a_jsonl_folder(tmp_path, tiny_bsq):
+    """The official JSONL format (DATA's JsonlBuckets, square bucket) feeds the trainer like the procedural data."""
+    from PIL import Image
+
+    root = tmp_path / "jsonl"
+    root.mkdir()
+    lines = []
+    for i, colour in enumerate([(220, 30, 30), (30, 60, 220), (30, 180, 40), (230, 200, 30)]):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (48, 48), colour).save(p)
+        lines.append(json.dumps({"image_path": str(p), "h_div_w": 1.0, "long_caption": "a red circle"}))
+    (root / "1.000_000000004.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    train_infinity(dict(TINY_INF, out=str(out), bsq=str(tiny_bsq), data=str(root), steps=1, ckpt_every=1))
+    meta = json.loads((ck.find_latest(out) / "meta.json").read_text())
+    assert meta["step"] == 1
+    assert ck.load_checkpoint(ck.find_latest(out))[0]["fingerprint"]["data"] == "jsonl"

@@ -32,7 +32,7 @@ print(json.dumps(recon_report(v, tuple(tuple(s) for s in i['schedule']), n=${SAM
     exec python -m fastvar.train.cli infinity --out $A/infinity --bsq $A/bsq-frozen.safetensors --data procedural-t2i \
       --threads "$THREADS" --depth 6 --embed-dim 256 --num-heads 4 --t5-d-model 128 --t5-layers 2 --t5-heads 4 \
       --t5-d-ff 256 --text-maxlen 32 --text-mode joint --bsc-rate 0.3 --bsc-mode uniform --cond-drop-rate 0.1 \
-      --batch-size 8 --steps ${INF_STEPS:-20000} --lr 5e-4 --warmup 300 --ema 0.999 --ckpt-every 25 --log-every 5 --keep-last 1 ;;
+      --batch-size 8 --steps ${INF_STEPS:-20000} --lr 5e-4 --warmup ${INF_WARMUP:-50} --ema 0.999 --ckpt-every 25 --log-every 5 --keep-last 1 ;;
   export)
     python -c "from fastvar.train.infinity_train import export_t2i; print(export_t2i('$A/infinity', '$A/bsq-frozen.safetensors', 'src/fastvar/assets'))" ;;
   gates)  # GenEval (procedural detector) on the shipped prompt file, 4 samples per prompt, held-out seed

@@ -73,7 +73,8 @@ class T2ISource:
     Why step-indexed: the training loop resumes from a step number alone, with no sampler state saved.
     """
 
-    def __init__(self, data: str, image_size: int, batch_size: int, world_size: int = 1, seed: int = 0) -> None:
+    def __init__(self, data: str, image_size: int, batch_size: int, world_size: int = 1, seed: int = 0,
+                 schedule: tuple[tuple[int, int], ...] | None = None, stride: int = 8) -> None:
         self.data, self.S, self.B, self.world, self.seed = str(data), int(image_size), int(batch_size), int(world_size), int(seed)
         self._jsonl = None
         if self.data == "procedural-t2i":
@@ -86,7 +87,8 @@ class T2ISource:
             self.ds = ProceduralShapes(seed=self.seed, image_size=self.S)
         else:
             self.ds = None
-            self._jsonl = open_jsonl(self.data, self.S, self.B, self.world, self.seed)
+            sched = schedule or ((self.S // stride, self.S // stride),)
+            self._jsonl = open_jsonl(self.data, self.B, self.world, self.seed, sched, stride)
 
     def get(self, step: int, rank: int = 0) -> tuple[Tensor, list[str]]:
         if self._jsonl is not None:
@@ -104,16 +106,19 @@ class T2ISource:
         return torch.stack(imgs).float(), caps
 
 
-def open_jsonl(root: str, image_size: int, batch_size: int, world: int, seed: int):
-    """A (step, rank) -> (images, captions) function over an official-format JSONL folder (square bucket)."""
-    try:
-        from .jsonl_data import JsonlBuckets
-    except ImportError as e:  # pragma: no cover - DATA's module ships with this one
-        raise RuntimeError("JSONL data needs fastvar.train.jsonl_data (not found in this install)") from e
-    buckets = JsonlBuckets(root, image_size=image_size, batch_size=batch_size, seed=seed)
+def open_jsonl(root: str, batch_size: int, world: int, seed: int, schedule: tuple[tuple[int, int], ...], stride: int):
+    """A (step, rank) -> (images, captions) function over an official-format JSONL folder.
+
+    The models trained here use one square schedule, so only the 1:1 bucket is accepted (the loader
+    names any other template in one line); images are resized to the schedule's last scale x ``stride``.
+    """
+    from .jsonl_data import JsonlBuckets
+
+    buckets = JsonlBuckets(root, batch_size=batch_size, seed=seed, world_size=world, schedules={1.0: schedule},
+                           vae_stride=stride)
 
     def get(step: int, rank: int) -> tuple[Tensor, list[str]]:
-        batch = buckets.batch(step * world + rank)
+        batch = buckets.get(step, rank)
         return batch["image"].float(), list(batch["caption"])
 
     return get
@@ -282,7 +287,8 @@ def train_bsq(config: Any) -> dict[str, float]:
     lcfg = loop_config(d)
     info = init_distributed(d["device"])
     try:
-        source = T2ISource(d["data"], int(d["image_size"]), lcfg.batch_size, info.world_size, int(d["data_seed"]))
+        source = T2ISource(d["data"], int(d["image_size"]), lcfg.batch_size, info.world_size, int(d["data_seed"]),
+                           sizes, int(d["patch_size"]))
         torch.manual_seed(lcfg.seed)
         vae = build_bsq(mcfg, for_training=True).to(info.device)
         data_fp = d["data"] if d["data"] in ("procedural-t2i", "procedural", "shapes") else "jsonl"

@@ -373,7 +373,8 @@ def train_infinity(config: Any) -> dict[str, float]:
         weights = scale_loss_weights(sizes, bool(d["reweight_by_scale"]))
         fwd = BitTeacherForcing(model, vae, sizes, text, weights, bsc, float(d["label_smooth"])).to(info.device)
         trainer = _make_trainer(model, fwd, lcfg, info, fingerprint, meta, int(d["zero"]))
-        source = T2ISource(d["data"], int(binfo["image_size"]), lcfg.batch_size, info.world_size, int(d["data_seed"]))
+        source = T2ISource(d["data"], int(binfo["image_size"]), lcfg.batch_size, info.world_size, int(d["data_seed"]),
+                           sizes, int(binfo["bsq"]["patch_size"]))
 
         def step_fn(module, step: int):
             random.seed(lcfg.seed * 1_000_003 + step * 131 + info.rank)  # condition dropout (python RNG)
