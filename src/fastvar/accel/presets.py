@@ -27,8 +27,9 @@ end of the schedule* (``-1`` = the last, largest scale):
   (…, 10, 13, 16) and 512 (…, 18, 24, 32) as before, and on any other VAR schedule (other last sides,
   the embedded model's) the same positions.
 
-Layer bands are fractions of the depth: Infinity's published 3–27 of 32 blocks becomes
-``round(3·d/32) … round(28·d/32)`` (the same band for VAR; HART prunes every block). A schedule too short
+Layer bands: on Infinity's templates the official code's literal blocks 3–27 (any depth above 3, so the
+official tables stay exact); elsewhere Infinity's published 3–27 of 32 blocks as a fraction of the depth,
+``round(3·d/32) … round(28·d/32)`` (VAR, custom Infinity schedules); HART prunes every block. A schedule too short
 for a preset's table is a one-line :class:`PlanError`; no preset resolves to a plan that changes
 nothing (``none`` and ``identity`` are no-ops by definition).
 
@@ -44,6 +45,8 @@ Intent of each name:
 - ``cfg-cut``: classifier-free guidance cut: the last scales of the schedule (by position, ``#-2`` on) forward
   the conditional half of the batch only (see :mod:`fastvar.accel.guidance`).
 - ``turbo``: see :func:`_turbo`.
+- ``kv-compress``: KV-cache compression with scale-aware budgets (ScaleKV's drafters/refiners, HACK's
+  per-head subsets), by position: see :func:`_kv_compress`.
 """
 
 from __future__ import annotations
@@ -171,8 +174,14 @@ _STRONG = {
 _BRANCHES = {"infinity": ("attn", "cross", "ffn"), "hart": ("attn", "ffn"), "var": ("attn", "ffn")}
 
 
-def _layers(family: str, depth: int) -> tuple[int, int] | None:
-    return None if family == "hart" else _band(depth)
+def _layers(rule: str, depth: int) -> tuple[int, int] | None:
+    """Pruned block range for a table rule: HART every block; Infinity's templates the official code's literal
+    blocks 3-27 whatever the depth (what its FastVAR code does, so the official tables stay bit-exact on every
+    Infinity depth; below 4 blocks that band is empty and the scaled band is used instead, so the preset is
+    never silently a no-op); VAR and custom Infinity schedules the same band as a fraction of the depth."""
+    if rule == "hart":
+        return None
+    return (3, 28) if rule == "infinity" and depth > 3 else _band(depth)
 
 
 def _table_plan(name: str, family: str, schedule: Schedule, depth: int, keep: dict[int, float],
@@ -184,7 +193,7 @@ def _table_plan(name: str, family: str, schedule: Schedule, depth: int, keep: di
         lay.index(p)  # too short a schedule -> one-line error
     kept = lay.keep(keep)
     return AccelPlan(
-        name=name, keep=kept, skip=lay.refs(skip), layers=_layers(family, depth), branches=_BRANCHES[family],
+        name=name, keep=kept, skip=lay.refs(skip), layers=_layers(_rule(family, schedule), depth), branches=_BRANCHES[family],
         cache_scale=lay.ref(cache_pos) if kept else None, interp="area", strict=False, description=description, **extra,
     )
 
@@ -261,6 +270,38 @@ def _turbo(family: str, schedule: Schedule, depth: int) -> AccelPlan:
                        cache=turbo_cache(rule, schedule), **extra)
 
 
+KV_COMPRESS_KEEP = {"#-3": 0.3, "#-2": 0.1}
+"""kv-compress: the fractions of the third- and second-to-last scales that the drafter layers keep (the
+refiners keep none of them, nobody keeps the last scale, every earlier scale is kept whole)."""
+
+KV_DRAFTER_FRACTION = 1 / 6
+"""kv-compress: the first ``round(depth / 6)`` blocks (at least one) are the drafters. A documented proxy
+for ScaleKV's per-scale identification: on the embedded model the share of attention on earlier scales
+(``fastvar.accel.kv.history_shares``) is largest in block 0 at every scale from the fourth on and mostly
+falls with depth; ``fastvar.accel.kv.calibrate_drafters`` measures a model's own drafters for a plan file."""
+
+
+def _kv_compress(family: str, schedule: Schedule, depth: int) -> AccelPlan:
+    """Scale-aware KV budgets by position from the schedule's end (so they follow every schedule).
+
+    Measured on the embedded model (seeds 0/1; benchmarks/embedded_kv.json): the history of the large
+    late scales is cheap to drop (keeping 10 % of the 13² scale alone: SSIM 0.98), that of the small
+    early scales is not (30 % of scales 4²…8²: SSIM 0.83), so the budget goes to the early scales whole
+    and to the drafters' share of the two largest earlier scales; the last scale is read by no later
+    scale and is not stored. Held KV bytes: 4.2x fewer on VAR's 16² schedule, ~4x on Infinity 1M.
+    """
+    if len(schedule) < 4:
+        raise PlanError(f"kv-compress needs a schedule of at least 4 scales (it compresses the third- and "
+                        f"second-to-last); this one has {len(schedule)}")
+    drafters = list(range(max(1, round(depth * KV_DRAFTER_FRACTION))))
+    return AccelPlan(
+        name="kv-compress", strict=False,
+        kv={"keep": dict(KV_COMPRESS_KEEP), "refiner_keep": 0.0, "drafters": drafters, "keep_last": False,
+            "per_head": True, "score": "mix"},
+        description="KV cache: drafters keep 30 %/10 % of the 3rd/2nd-to-last scales, refiners none, last scale unstored",
+    )
+
+
 def _none(family: str, schedule: Schedule, depth: int) -> AccelPlan:
     return AccelPlan(name="none", description="no plan: the official computation")
 
@@ -281,6 +322,7 @@ PRESETS: dict[str, PresetFn] = {
     "skip-last": _skip_last,
     "cfg-cut": _cfg_cut,
     "turbo": _turbo,
+    "kv-compress": _kv_compress,
 }
 
 NO_OP_PRESETS = ("none", "identity")
