@@ -50,7 +50,7 @@ def test_rounds_are_interleaved_after_the_warmup_and_the_first_timed_round_is_ke
     assert all(kw == {"cfg": 3.0} for *_x, kw in pipe.calls)
     assert [r.name for r in res] == ["a", "b", "none"] and res[0].hooks is a and res[2].hooks is IDENTITY
     # a round's time is the sum over its chunks; rounds 1 and 2 are calls 6.. and 12..
-    assert res[0].seconds == [(1 + 6) + (1 + 7), (1 + 12) + (1 + 13)]
+    assert res[0].seconds == res[0].wall_seconds == [(1 + 6) + (1 + 7), (1 + 12) + (1 + 13)]
     assert res[1].median == pytest.approx(((1 + 8) + (1 + 9) + (1 + 14) + (1 + 15)) / 2)
     assert res[0].stats["call"] == 6 and res[0].latent.flatten().tolist() == [6.0, 6.0, 7.0]
     assert torch.equal(res[0].images, res[0].latent * 2) and len(pipe.decoded) == 3
@@ -63,8 +63,24 @@ def test_decode_false_and_no_warmup():
     assert len(pipe.calls) == 3 and res[0].images is None and pipe.decoded == []
 
 
+def test_cpu_clock_counts_this_process_work_only():
+    import time
+
+    class Busy(_StubPipe):
+        def __call__(self, conds, **kw):
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.02:  # 20 ms of CPU work ...
+                pass
+            time.sleep(0.05)  # ... and 50 ms of waiting, which the CPU clock does not count
+            return super().__call__(conds, **kw)
+
+    res = run_plans(Busy(), [0], [("x", None)], repeats=2, warmup=0, decode=False, clock="cpu")
+    assert all(0.02 <= s < 0.05 for s in res[0].seconds) and res[0].wall_seconds == [1.0, 2.0]
+
+
 @pytest.mark.parametrize("kw, match", [(dict(repeats=0), "repeats"), (dict(warmup=-1), "warmup"),
-                                       (dict(batch_size=0), "batch_size"), (dict(seed=-3), "seed")])
+                                       (dict(batch_size=0), "batch_size"), (dict(seed=-3), "seed"),
+                                       (dict(clock="sundial"), "clock")])
 def test_bad_arguments_are_one_line_usage_errors(kw, match):
     with pytest.raises(UsageError, match=match):
         run_plans(_StubPipe(), [0], [("x", None)], **kw)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,8 @@ class PlanResult:
 
     name: str
     hooks: Hooks
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # per timed round, on the run's clock
+    wall_seconds: list[float] = field(default_factory=list)  # per timed round, the pipeline's own (wall) time
     stats: dict = field(default_factory=dict)  # the first chunk's statistics of the first timed round
     latent: Tensor | None = None
     images: Tensor | None = None  # decoded latent (decode=True), (N, 3, H, W) in [0, 1], CPU
@@ -115,7 +117,7 @@ def held_memory(hooks: Hooks) -> dict[str, int]:
 
 def run_plans(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], repeats: int = 3, warmup: int = 1,
               seed: int | None = 0, sampling: Mapping[str, Any] | None = None, calibrate: bool = True,
-              decode: bool = True, batch_size: int | None = None,
+              decode: bool = True, batch_size: int | None = None, clock: str = "wall",
               log: Callable[[str], None] | None = None) -> list[PlanResult]:
     """Run ``pipe(conditions, …)`` under every plan: ``warmup`` untimed rounds, then ``repeats`` timed
     rounds, each round every plan once in the given order. Returns one :class:`PlanResult` per plan, in order.
@@ -125,6 +127,9 @@ def run_plans(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], 
     by default); chunk ``i`` uses ``seed + i`` as ``fastvar generate`` does, and a round's time is the
     sum over chunks. ``calibrate``: calibrate caching plans that lack similarity data (see
     :func:`prepare_hooks`). ``decode``: decode the first timed round's latent into ``images``.
+    ``clock``: "wall" (the pipeline's transformer time) or "cpu" (this process's CPU seconds around each
+    pipeline call, ``time.process_time``: on a CPU shared with other jobs it counts only this run's work,
+    where wall time mostly measures the other jobs; meaningless on CUDA, where the work is the device's).
     """
     from ..accel.caching import CachePolicy
 
@@ -136,18 +141,23 @@ def run_plans(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], 
     if batch_size is not None:
         validate.int_at_least(batch_size, "batch_size", 1, "conditions per pipeline call", 4)
     validate.seed(seed, "seed")
+    if clock not in ("wall", "cpu"):
+        raise validate.fail("clock", clock, "unknown clock", "use clock='wall' or clock='cpu'")
     kwargs = dict(sampling or {})
     bs = batch_size or len(conditions)
     chunks = [conditions[i:i + bs] for i in range(0, len(conditions), bs)]
 
-    def generate(hooks: Hooks) -> tuple[float, dict, Tensor]:
-        secs, stats, latents = 0.0, None, []
+    def generate(hooks: Hooks) -> tuple[float, float, dict, Tensor]:
+        secs = wall = 0.0
+        stats, latents = None, []
         for ci, chunk in enumerate(chunks):
+            c0 = time.process_time()
             res = pipe(chunk, seed=None if seed is None else seed + ci, plan=hooks, decode=False, **kwargs)
-            secs += res.seconds
+            secs += time.process_time() - c0 if clock == "cpu" else res.seconds
+            wall += res.seconds
             stats = stats if stats is not None else res.stats
             latents.append(res.latent)
-        return secs, stats, (latents[0] if len(latents) == 1 else torch.cat(latents))
+        return secs, wall, stats, (latents[0] if len(latents) == 1 else torch.cat(latents))
 
     results = []
     for name, plan in plans:
@@ -162,8 +172,9 @@ def run_plans(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], 
             generate(r.hooks)
     for rep in range(repeats):
         for r in results:
-            secs, stats, latent = generate(r.hooks)
+            secs, wall, stats, latent = generate(r.hooks)
             r.seconds.append(secs)
+            r.wall_seconds.append(wall)
             if stats.get("scale_seconds"):
                 r.scale_seconds.append(stats["scale_seconds"])
             if rep == 0:
@@ -181,7 +192,7 @@ def run_plans(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], 
 
 
 def engine_overhead(pipe, conditions: Sequence, repeats: int = 10, warmup: int = 2, seed: int | None = 0,
-                    log: Callable[[str], None] | None = None) -> dict:
+                    clock: str = "wall", log: Callable[[str], None] | None = None) -> dict:
     """The engine's own cost: no plan vs the ``identity`` preset vs every policy at its no-op setting
     (:func:`fastvar.accel.engine.noop_engine`), interleaved, same seed; also checks the outputs are equal.
 
@@ -193,13 +204,16 @@ def engine_overhead(pipe, conditions: Sequence, repeats: int = 10, warmup: int =
 
     res = run_plans(pipe, conditions, [("none", None), ("identity", "identity"),
                                        ("noop-all", noop_engine(pipe.model.depth))],
-                    repeats=repeats, warmup=warmup, seed=seed, decode=False, log=log)
+                    repeats=repeats, warmup=warmup, seed=seed, decode=False, clock=clock, log=log)
     base = res[0]
     rows = []
     for r in res:
         paired = [t / b for t, b in zip(r.seconds, base.seconds)]
+        wall = statistics.median(r.wall_seconds)
         rows.append({"plan": r.name, "policies": [type(p).__name__ for p in getattr(r.hooks, "policies", ())],
                      "seconds_median": r.median, "seconds_all": r.seconds,
                      "overhead": r.median / base.median - 1.0, "paired_overhead": statistics.median(paired) - 1.0,
+                     "wall_seconds_median": wall, "wall_seconds_all": r.wall_seconds,
+                     "wall_overhead": wall / statistics.median(base.wall_seconds) - 1.0,
                      "bit_identical": bool(torch.equal(r.latent, base.latent))})
-    return {"repeats": repeats, "warmup": warmup, "conditions": list(conditions), "rows": rows}
+    return {"clock": clock, "repeats": repeats, "warmup": warmup, "conditions": list(conditions), "rows": rows}
