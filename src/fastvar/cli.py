@@ -400,7 +400,7 @@ def cmd_generate(args) -> int:
         if args.benchmark is not None:
             return _benchmark(args, spec, pipe, plan, conds)
         if args.compare and plan is not None:
-            base_imgs, base_s, _ = run(None)
+            base_imgs, base_s, base_stats = run(None)
             imgs, secs, stats = run(plan)
         else:
             imgs, secs, stats = run(plan)
@@ -409,7 +409,7 @@ def cmd_generate(args) -> int:
 
     names = _image_names(conds)
     report = {"model": spec.name, "plan": stats[0].get("plan"), "seconds": secs, "images": len(conds),
-              "conditions": conds}
+              "conditions": conds, "kv_peak_bytes": _kv_peak(stats)}
     if args.compare and plan is not None:
         from .eval.benchmark import psnr_ssim
 
@@ -417,8 +417,14 @@ def cmd_generate(args) -> int:
         report.update(baseline_seconds=base_s, speedup=base_s / secs, psnr_vs_baseline=psnr, ssim_vs_baseline=ssim)
         save_images(base_imgs, out / "baseline", names)
         save_images(imgs, out / str(report["plan"]), names)
+        kv_base = _kv_peak(base_stats)
+        kv_line = ""
+        if kv_base and report["kv_peak_bytes"]:
+            report.update(baseline_kv_peak_bytes=kv_base, kv_reduction=kv_base / report["kv_peak_bytes"])
+            kv_line = (f" | KV held {kv_base / 2**20:.2f} -> {report['kv_peak_bytes'] / 2**20:.2f} MiB "
+                       f"({report['kv_reduction']:.2f}x)")
         print(f"baseline {base_s:.2f}s | {report['plan']} {secs:.2f}s | speedup {base_s / secs:.2f}x | "
-              f"PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
+              f"PSNR {psnr:.2f} dB | SSIM {ssim:.4f}{kv_line}")
     elif args.save_images:
         save_images(imgs, out, names)
     if args.stats:
@@ -430,6 +436,12 @@ def cmd_generate(args) -> int:
     atomic_write_text(json.dumps(report, indent=2, default=str), out / "report.json")
     print(f"wrote {len(conds)} image(s) and a grid to {out}/ in {secs:.2f}s")
     return 0
+
+
+def _kv_peak(stats: list[dict]) -> int | None:
+    """Most K/V bytes the caches held at once over a run's generations (exact tensor sizes, the recorder's)."""
+    vals = [s.get("kv_peak_bytes") for s in stats if s.get("kv_peak_bytes") is not None]
+    return max(vals) if vals else None
 
 
 def _benchmark(args, spec, pipe, plan, conds: list) -> int:

@@ -157,4 +157,7 @@ def format_table(stats: dict) -> str:
         f"GFLOPs: attention {stats['attn_flops'] / 1e9:.2f}, linear {stats['linear_flops'] / 1e9:.2f}, "
         f"total {stats['total_flops'] / 1e9:.2f}"
     )
+    if stats.get("kv_peak_bytes") is not None:
+        rows.append(f"KV cache: {stats['kv_peak_bytes'] / 2**20:.2f} MiB held at peak, {stats['kv_bytes'] / 2**20:.2f} MiB "
+                    f"at the end (largest K/V one attention read: {stats['kv_attended_peak_bytes'] / 2**20:.2f} MiB)")
     return "\n".join(rows)
