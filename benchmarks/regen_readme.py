@@ -1,9 +1,12 @@
 """Rewrite the README's embedded-model sections from the measured JSON in benchmarks/.
 
 The tables between ``<!-- embedded-tables:begin/end -->``, the status between
-``<!-- embedded-status:begin/end -->`` and the backbone benchmark table between
-``<!-- bench-table:begin/end -->`` are generated, never typed, so they always match the JSON
-next to them. Run after re-measuring (commands are printed in the sections themselves)::
+``<!-- embedded-status:begin/end -->``, the backbone benchmark table between
+``<!-- bench-table:begin/end -->``, the engine targets between ``<!-- targets-table:begin/end -->`` and
+the GPU table between ``<!-- gpu-table:begin/end -->`` are generated, never typed, so they always match the
+JSON next to them. A target whose JSON does not exist yet has no row (nothing is invented); the GPU
+table says "not measured" until ``benchmarks/gpu.json`` holds a real (non-smoke) GPU run. Run after
+re-measuring (commands are printed in the sections themselves)::
 
     python benchmarks/regen_readme.py [--quickstart outputs/report.json]
 
@@ -117,6 +120,107 @@ def bench_table() -> str:
     return "\n".join(lines)
 
 
+def _load(name: str):
+    p = BENCH / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _yes(ok: bool) -> str:
+    return "**yes**" if ok else "no"
+
+
+def _turbo_row() -> list[str]:
+    d = _load("embedded_turbo.json")
+    if d is None:
+        return []
+    s = d["summary"]
+    ok = s["speedup"] >= 2.5 and s["ssim"] >= 0.90 and abs(s["accuracy_delta"]) <= 0.03
+    return [f"| `turbo` on the embedded model: ≥ 2.5× at SSIM ≥ 0.90, checker accuracy within 0.03 | "
+            f"{s['speedup']:.2f}× at SSIM {s['ssim']:.3f} (held-out seeds {', '.join(map(str, s['seeds']))}); "
+            f"accuracy {s['accuracy_turbo']:.3f} vs {s['accuracy_baseline']:.3f} ({s['accuracy_delta']:+.3f}) | "
+            f"{_yes(ok)} | `benchmarks/embedded_turbo.json` |"]
+
+
+def _plan_rows(d) -> dict[str, dict]:
+    rows = d["rows"] if isinstance(d, dict) else d
+    return {r["plan"]: r for r in rows}
+
+
+def _infinity_rows() -> list[str]:
+    out = []
+    d = _load("infinity_2b_1M_turbo.json")
+    if d is not None:
+        r = _plan_rows(d)
+        f, t = r["fastvar"], r["turbo"]
+        ratio = t["speedup"] / f["speedup"]
+        out.append(f"| Infinity-2B (width 2048, depth {d['depth']} of 32, random init, CPU) at 1M: `turbo` speedup "
+                   f"≥ 1.5× `fastvar`'s | turbo {t['speedup']:.2f}× vs fastvar {f['speedup']:.2f}× → "
+                   f"**{ratio:.2f}×** (FLOP ratios {t['flop_ratio']:.3f} / {f['flop_ratio']:.3f}) | {_yes(ratio >= 1.5)} | "
+                   f"`benchmarks/infinity_2b_1M_turbo.json` |")
+    d = _load("infinity_2b_2K.json")
+    if d is not None:
+        f = _plan_rows(d)["fastvar"]
+        ok = f["speedup"] >= 4 and 1 / f["flop_ratio"] >= 4
+        out.append(f"| the same architecture (depth {d['depth']}) at 2K: `fastvar` ≥ 4× over none (FLOPs and time) | "
+                   f"{1 / f['flop_ratio']:.2f}× fewer FLOPs, {f['speedup']:.2f}× measured | {_yes(ok)} | "
+                   "`benchmarks/infinity_2b_2K.json` |")
+    return out
+
+
+def _overhead_row() -> list[str]:
+    d = _load("engine_overhead.json")
+    if d is None:
+        return []
+    r = _plan_rows(d)
+    noop = r.get("noop-all")
+    if noop is None:
+        return []
+    target = d.get("target", 0.03)
+    return [f"| engine overhead, every policy present at its no-op setting: ≤ {100 * target:.0f} % over no plan | "
+            f"{100 * noop['overhead']:+.1f} % (paired {100 * noop['paired_overhead']:+.1f} %; identity "
+            f"{100 * r['identity']['overhead']:+.1f} %) | {_yes(noop['overhead'] <= target)} | "
+            "`benchmarks/engine_overhead.json` |"]
+
+
+def _summary_row(name: str, label: str) -> list[str]:
+    """Rows of the other helpers' target JSON: a top-level ``summary`` with ``text`` and ``passed``."""
+    d = _load(name)
+    if not isinstance(d, dict) or not isinstance(d.get("summary"), dict) or "text" not in d["summary"]:
+        return []
+    s = d["summary"]
+    return [f"| {label} | {s['text']} | {_yes(bool(s.get('passed')))} | `benchmarks/{name}` |"]
+
+
+def targets_table() -> str:
+    rows = (_summary_row("embedded_cfgcut.json", "`cfg-cut` alone on the embedded model: ≥ 1.4× at SSIM ≥ 0.93, "
+                                                 "accuracy within 0.02")
+            + _turbo_row()
+            + _summary_row("embedded_kv.json", "`kv-compress` on the embedded model: KV bytes ≥ 4× lower at SSIM ≥ 0.95")
+            + _infinity_rows() + _overhead_row())
+    if not rows:
+        return "No target has been measured yet (no JSON in `benchmarks/`)."
+    return "\n".join(["| target | measured | met | JSON (with the command that wrote it) |", "|---|---|---|---|", *rows])
+
+
+def gpu_table() -> str:
+    d = _load("gpu.json")
+    if d is None or d.get("smoke") or not str(d.get("device", "")).startswith("cuda"):
+        return ("GPU numbers have not been measured: no GPU run exists yet. `bash benchmarks/gpu.sh` (one GPU, "
+                "≤ 8 minutes) writes `benchmarks/gpu.json`; `python benchmarks/regen_readme.py` then puts its table here.")
+    lines = [f"Measured with `{d['command']}` on {d['device_name']} ({d['dtype']}, random init, batch 1, "
+             f"{d['repeats']} repeats after {d['warmup']} warm-up; {d['measured_at']}):", "",
+             "| model | schedule | plan | seconds | speedup | FLOP ratio | peak allocated MB | KV MB held |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in d["configs"]:
+        for i, r in enumerate(c["rows"]):
+            kv = "" if r.get("kv_bytes") is None else f"{r['kv_bytes'] / 2**20:.0f}"
+            lines.append(f"| {c['name'] if i == 0 else ''} | {c['pn'] or ''} | {r['plan']} | {r['seconds_median']:.3f} | "
+                         f"{r['speedup']:.2f} | {r['flop_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {kv} |")
+    if d.get("skipped"):
+        lines += ["", f"Not reached within the time budget: {', '.join(d['skipped'])}."]
+    return "\n".join(lines)
+
+
 HELDOUT_TARGET = 0.92  # the fresh-machine issue's bar: every unseen seed at >= 0.92 with 100 samples
 
 
@@ -184,6 +288,8 @@ def main() -> None:
     text = replace_block(readme.read_text(), "embedded-tables", tables())
     text = replace_block(text, "embedded-status", status())
     text = replace_block(text, "bench-table", bench_table())
+    text = replace_block(text, "targets-table", targets_table())
+    text = replace_block(text, "gpu-table", gpu_table())
     if args.quickstart:
         text, n = re.subn(r"`baseline [0-9.]+s \| fastvar [0-9.]+s \| speedup [0-9.]+x \| PSNR [0-9.]+ dB \| SSIM [0-9.]+`",
                           quickstart_line(args.quickstart), text)
