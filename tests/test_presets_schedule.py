@@ -143,7 +143,11 @@ def test_custom_infinity_schedule_gets_the_var_rule_with_cross_attention():
 
 def test_layer_band_scales_with_depth():
     sched = infinity_schedule("1:1", "1M")
-    assert get_preset("fastvar", "infinity", depth=16, schedule=sched).layers == (2, 14)
+    # Infinity's templates keep the official code's literal blocks 3-27 (what its FastVAR code prunes on any depth)
+    assert get_preset("fastvar", "infinity", depth=16, schedule=sched).layers == (3, 28)
+    custom = Schedule.square((1, 2, 3, 4, 6, 8, 11, 16))
+    assert get_preset("fastvar", "infinity", depth=16, schedule=custom).layers == (2, 14)
+    assert get_preset("fastvar", "infinity", depth=3, schedule=sched).layers == (0, 3)  # never an empty band
     assert get_preset("fastvar", "var", depth=30).layers == (3, 26)
 
 
