@@ -156,6 +156,18 @@ def test_infinity_session_takes_aspect_and_pixel_budget():
         s.run("a red fox", 0, None, "1:1", "3M", s.plan_json("fastvar"))
 
 
+def test_fixed_schedule_model_ignores_aspect_and_pixel_budget():
+    from fastvar.models.embedded_t2i import load_embedded_t2i_pipeline
+
+    pipe = load_embedded_t2i_pipeline(device="cpu", random_init=True)
+    s = DemoSession(pipe, "embedded-t2i")
+    assert s.fixed_schedule and s.default_pn is None
+    assert s.default_condition() == "two red circles"  # a prompt in the model's own vocabulary
+    r = s.run("two red circles", 0, None, "3:4", "3M", s.plan_json("fastvar"))  # choosers hidden: values ignored
+    assert "pn" in r.metrics and r.metrics["pn"] is None
+    assert r.metrics["sizes"][-1] == list(pipe.schedule.sizes[-1])
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def test_demo_without_gradio_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError

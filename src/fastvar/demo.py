@@ -266,8 +266,10 @@ class DemoSession:
         self.cache: OrderedDict[tuple, BaselineRun] = OrderedDict()
         self.cache_size = int(cache_size)
         self.baseline_runs = 0  # plain baseline generations so far (the cache's effect, for tests and logs)
-        self.default_aspect = aspect or getattr(pipe, "aspect", None) or "1:1"
-        self.default_pn = pn or getattr(pipe, "pn", None) or "1M"
+        # A model trained at one fixed schedule (embedded-t2i) has no aspect ratio or pixel budget to choose.
+        self.fixed_schedule = getattr(pipe, "fixed_schedule", None) is not None
+        self.default_aspect = None if self.fixed_schedule else aspect or getattr(pipe, "aspect", None) or "1:1"
+        self.default_pn = None if self.fixed_schedule else pn or getattr(pipe, "pn", None) or "1M"
 
     # ------------------------------------------------------------------ what the page offers
     @property
@@ -284,9 +286,9 @@ class DemoSession:
 
     def default_condition(self) -> int | str:
         if self.text_to_image:
-            from .cli import DEFAULT_PROMPTS
+            from .cli import DEFAULT_PROMPTS, MODEL_PROMPTS
 
-            return DEFAULT_PROMPTS[0]
+            return MODEL_PROMPTS.get(self.model_name, DEFAULT_PROMPTS)[0]
         return 0 if self.model_name == "embedded" else min(207, self.num_classes - 1)
 
     def default_cfg(self) -> float | None:
@@ -323,7 +325,7 @@ class DemoSession:
             raise UsageError("seed: empty; give a whole number >= 0, e.g. 0")
         g = self.default_cfg() if cfg is None or cfg == "" else float(validate.guidance(cfg, "guidance"))
         a = p = None
-        if self.family == "infinity":
+        if self.family == "infinity" and not self.fixed_schedule:
             from .pipelines.infinity import resolve_aspect, resolve_pn
 
             a = str(aspect or self.default_aspect).strip()
@@ -489,7 +491,7 @@ def build_app(session: DemoSession, plan_text: str, initial: DemoResult | None =
     budget, plan JSON -> baseline, plan image, heat map, summary, chart, details, status) and ``/preset``
     (preset name -> plan JSON)."""
     gr = import_gradio()
-    infinity = session.family == "infinity"
+    infinity = session.family == "infinity" and not session.fixed_schedule  # aspect / budget choosers
     m = initial.metrics if initial is not None else {}
 
     def image(label: str, value: Any) -> Any:
