@@ -44,7 +44,10 @@ Intent of each name:
   always counted from the schedule's own end.
 - ``cfg-cut``: classifier-free guidance cut: the last scales of the schedule (by position, ``#-2`` on) forward
   the conditional half of the batch only (see :mod:`fastvar.accel.guidance`).
-- ``turbo``: see :func:`_turbo`.
+- ``turbo``: speed first: pruning (VAR/HART: the last three/two scales at 60–25 %, every block; Infinity:
+  fastvar-strong's three scales plus its two skipped ones), conditional-only guidance from the restore-cache
+  scale on (guided by the reused direction), and feature caching at the pruned scales (calibrated data
+  needed: the run primitive and ``fastvar generate`` calibrate it first); see :func:`_turbo`.
 - ``kv-compress``: KV-cache compression with scale-aware budgets (ScaleKV's drafters/refiners, HACK's
   per-head subsets), by position: see :func:`_kv_compress`.
 """
@@ -242,19 +245,23 @@ def _cfg_cut(family: str, schedule: Schedule, depth: int) -> AccelPlan:
 
 
 TURBO = {
-    "var": dict(keep={-2: 0.5}, skip=(-1,), cache=-3),
-    "hart": dict(keep={-3: 0.6, -2: 0.4, -1: 0.25}, skip=(), cache=-4),
-    "infinity": dict(keep={-5: 0.6, -4: 0.4, -3: 0.3}, skip=(-2, -1), cache=-6),
+    "var": dict(keep={-2: 0.5, -1: 0.25}, skip=(), cache=-3, all_layers=True),
+    "hart": dict(keep={-3: 0.6, -2: 0.4, -1: 0.25}, skip=(), cache=-4, all_layers=True),
+    "infinity": dict(keep={-5: 0.6, -4: 0.4, -3: 0.3}, skip=(-2, -1), cache=-6, all_layers=False),
 }
 """turbo's pruning and skipping per rule, as positions from the schedule's own end (its caching:
-:func:`fastvar.accel.cache_presets.turbo_cache`; its guidance cut: :data:`TURBO_CFG_CUT_FROM`)."""
+:func:`fastvar.accel.cache_presets.turbo_cache`). ``all_layers``: prune every block, not the 3/32–28/32 band."""
 
-TURBO_CFG_CUT_FROM: str | None = None
+TURBO_REUSE = "direction"
+"""turbo's guidance at conditional-only scales: keep guiding with the last two-half scale's direction
+(cond − uncond, resized), which kept more fidelity than dropping guidance on the embedded model."""
 
 
 def _turbo(family: str, schedule: Schedule, depth: int) -> AccelPlan:
     """Pruning + skipping + feature caching + the guidance cut stacked, by positions from the schedule's end.
 
+    The guidance cut starts at turbo's restore-cache scale (the scale before the first pruned one), so every
+    pruned scale also runs its conditional half only, guided by the reused direction (:data:`TURBO_REUSE`).
     Tuned on the embedded model (VAR, seeds 0/1; benchmarks/embedded_turbo.json) for the most speed at
     SSIM >= 0.90 against the baseline; Infinity keeps the paper's two skipped scales and prunes harder below.
     """
@@ -262,12 +269,13 @@ def _turbo(family: str, schedule: Schedule, depth: int) -> AccelPlan:
 
     rule = _rule(family, schedule)
     tb = TURBO[rule]
-    extra = {}
-    if TURBO_CFG_CUT_FROM is not None:
-        extra["guidance"] = {"cond_only_from": TURBO_CFG_CUT_FROM}
-    return _table_plan("turbo", family, schedule, depth, tb["keep"], tb["skip"], tb["cache"],
+    plan = _table_plan("turbo", family, schedule, depth, tb["keep"], tb["skip"], tb["cache"],
                        "pruning + skipping + caching + cfg-cut stacked (speed first)", anchor=len(schedule),
-                       cache=turbo_cache(rule, schedule), **extra)
+                       cache=turbo_cache(rule, schedule),
+                       guidance={"cond_only_from": f"#{tb['cache']}", "reuse_uncond": TURBO_REUSE})
+    if tb["all_layers"]:
+        plan.layers = None
+    return plan
 
 
 KV_COMPRESS_KEEP = {"#-3": 0.3, "#-2": 0.1}
