@@ -226,16 +226,17 @@ def test_cli_end_to_end(pipe, tmp_path, monkeypatch, capsys):
     argv = ["tune", "--budget", "ssim>=0.8", "--calib-classes", "0", "1", "--calib-seeds", "0", "--heldout-classes",
             "2", "3", "--heldout-seeds", "100", "--presets", "skip-last", "--repeats", "1", "--warmup", "0",
             "--max-evals", "8", "--finalists", "1", "--out", str(out), "--json", str(rep_path), "--plot", "--quiet"]
-    assert main(argv) == 0
+    assert main(argv + ["--clock", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "held-out" in printed and "chosen plan" in printed
     rep = json.loads(rep_path.read_text())
     plan = AccelPlan.from_json(out)
     assert plan.name == "tuned" and rep["chosen"]["plan"]["keep"] == plan.keep
     assert rep_path.with_suffix(".png").is_file()
+    assert rep["clock"] == "cpu" and rep["chosen"]["heldout"]["speedup_wall"] > 0
     assert (tmp_path / "report.tune" / "state.jsonl").is_file()
     # overlapping held-out set: refused before anything runs
-    assert main(argv[:-1] + ["--heldout-classes", "0", "--heldout-seeds", "0"]) == 2
+    assert main(argv + ["--heldout-classes", "0", "--heldout-seeds", "0"]) == 2
     assert "overlap" in capsys.readouterr().err
 
 

@@ -505,7 +505,7 @@ class Tuner:
                  presets: Sequence[str] = (), repeats: int = 3, warmup: int = 1, finalists: int = 3,
                  max_evals: int = 80, time_limit_s: float | None = None, n_scales: int | None = None,
                  log: Callable[[str], None] | None = None, context: dict | None = None, time_all_presets: bool = False,
-                 margin: float = 0.0,
+                 margin: float = 0.0, clock: str = "wall",
                  on_candidate: Callable[[Candidate], None] | None = None, lpips_fn: Callable | None = None) -> None:
         if not budgets:
             raise UsageError("tune needs at least one budget, e.g. --budget ssim>=0.95")
@@ -522,6 +522,10 @@ class Tuner:
         self.n_scales = n_scales
         self.time_all_presets = time_all_presets
         self.margin = float(margin)
+        if clock not in ("wall", "cpu"):
+            raise UsageError(f"clock={clock!r}: unknown clock; use 'wall' or 'cpu'")
+        self.clock = clock
+        self.timings: dict[str, dict] = {}
         self.log = log or (lambda s: None)
         self.on_candidate = on_candidate
         self.lpips_fn = lpips_fn
@@ -985,20 +989,26 @@ class Tuner:
         rounds running every entry once each, interleaved so machine load falls on all alike — the run
         primitive (:func:`fastvar.eval.run.run_plans`) where this install has it. Cached in the state file."""
         key = _digest({"cs": self._condkey(cs), "entries": [n for n, _ in entries], "tag": tag,
-                       "r": self.repeats, "w": self.warmup, "seed": cs.seeds[0]})
+                       "r": self.repeats, "w": self.warmup, "seed": cs.seeds[0], "clock": self.clock})
         rec = self.state.find("timing", key)
         if rec is not None:
+            self.timings[tag] = rec
             return rec["seconds"]
         try:
             from ..eval.run import run_plans
         except ImportError:  # an install without the run primitive: the same loop, here
             run_plans = None
         secs: dict[str, list[float]] = {}
+        wall: dict[str, list[float]] = {}
         if run_plans is not None:
+            kw = {"clock": self.clock} if self.clock != "wall" else {}
             res = run_plans(self.pipe, list(cs.conditions), list(entries), repeats=self.repeats, warmup=self.warmup,
-                            seed=cs.seeds[0], calibrate=False, decode=False, log=None)
+                            seed=cs.seeds[0], calibrate=False, decode=False, log=None, **kw)
             secs = {r.name: list(r.seconds) for r in res}
+            wall = {r.name: list(getattr(r, "wall_seconds", None) or r.seconds) for r in res}
         else:
+            if self.clock != "wall":
+                raise UsageError("--clock cpu needs the run primitive (fastvar.eval.run) of a newer fastvar")
             one = CondSet(cs.conditions, cs.seeds[:1])
             for _ in range(self.warmup):
                 for _n, h in entries:
@@ -1007,10 +1017,14 @@ class Tuner:
             for _ in range(self.repeats):
                 for n, h in entries:
                     secs[n].append(self._run(h, one, decode=False)[1])
+            wall = secs
         med = {n: statistics.median(v) for n, v in secs.items()}
-        self.log(f"timing {tag} (median of {self.repeats} interleaved, seed {cs.seeds[0]}): " +
+        self.log(f"timing {tag} ({self.clock} clock, median of {self.repeats} interleaved, seed {cs.seeds[0]}): " +
                  " ".join(f"{n} {med[n]:.2f}s" for n, _ in entries))
-        self.state.append({"type": "timing", "key": key, "seconds": med, "all": secs})
+        rec = {"type": "timing", "key": key, "clock": self.clock, "seconds": med, "all": secs,
+               "wall_median": {n: statistics.median(v) for n, v in wall.items()}, "wall_all": wall}
+        self.state.append(rec)
+        self.timings[tag] = rec
         return med
 
     def profile(self) -> CostModel:
@@ -1127,9 +1141,11 @@ class Tuner:
             self.log(f"held-out {name:<28} " + " ".join(f"{m} {rec['quality'][m]:.4f}" for m in self.metrics)
                      + ("" if meets else " (misses the budget)"))
         med = self.time_interleaved(entries, cs, "heldout")
+        wall = self.timings["heldout"].get("wall_median", med)
         for name, _ in entries[1:]:
             rows[name]["speedup"] = med["baseline"] / med[name]
             rows[name]["seconds"] = med[name]
+            rows[name]["speedup_wall"] = wall["baseline"] / wall[name]
         return {"set": cs.to_dict(), "baseline_seconds": med["baseline"], "baseline_quality": base_q, "rows": rows}
 
     def report(self, chosen: Candidate | None, presets: dict[str, Candidate], heldout: dict | None,
@@ -1150,9 +1166,12 @@ class Tuner:
                          "total_flops": self.cost.base_flops, "quality": base_q},
             "knobs": [{"name": k.name, "kind": k.kind, "levels": k.levels} for k in self.knobs],
             "layer_similarity": {str(k): v for k, v in self.layer_similarity.items()},
+            "clock": self.clock,
+            "timings": self.timings,
             "speed_note": ("speedup_est: the baseline's per-scale block seconds scaled by each scale's FLOP ratio "
                            "(ranks the search); speedup: measured, median of interleaved repeats against the baseline "
-                           "after a warm-up (finalists, chosen plan, held-out rows)"),
+                           "after a warm-up (finalists, chosen plan, held-out rows), on the clock named by 'clock' "
+                           "(held-out rows also give speedup_wall)"),
             "candidates": [c.to_dict() for c in self.candidates],
             "pareto_front": front,
             "presets": {n: {"candidate": c.id, "quality": c.quality, "meets_budget": c.meets, "speedup_est": c.speedup_est,
@@ -1324,6 +1343,9 @@ def add_tune_parser(subparsers) -> None:
     t.add_argument("--margin", type=cli_float, default=0.0,
                    help="search with this much slack kept in every budget (metric units, e.g. 0.005 for SSIM): "
                         "calibration sets are small, a margin makes the held-out check likelier to pass")
+    t.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what the final timing measures: the pipeline's wall time, or this process's CPU time "
+                        "(steadier on a CPU shared with other jobs; both are recorded)")
     t.add_argument("--time-all-presets", dest="time_all_presets", action="store_true",
                    help="held-out: also time the presets that miss the budget (default: only those that meet it)")
     t.add_argument("--quiet", action="store_true")
@@ -1419,7 +1441,8 @@ def cmd_tune(args) -> int:
     tuner = Tuner(pipe, budgets, calib, heldout, state, presets=presets, repeats=args.repeats, warmup=args.warmup,
                   finalists=args.finalists, max_evals=args.max_evals,
                   time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit, n_scales=args.scales,
-                  log=log, context=ctx, time_all_presets=args.time_all_presets, margin=args.margin)
+                  log=log, context=ctx, time_all_presets=args.time_all_presets, margin=args.margin,
+                  clock=args.clock)
     report = tuner.run()
     prog = Path(sys.argv[0]).name if sys.argv else ""
     report["command"] = " ".join(["fastvar", *sys.argv[1:]]) if prog in ("fastvar", "__main__.py") else None
