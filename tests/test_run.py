@@ -149,3 +149,61 @@ def test_engine_overhead_rows_and_bit_identity(var_pipe):
     assert rows["none"]["overhead"] == 0.0 and rows["none"]["policies"] == []
     assert {"SkipPolicy", "PrunePolicy", "CachePolicy", "GuidancePolicy", "KVPolicy"} <= set(rows["noop-all"]["policies"])
     assert all(r["bit_identical"] and len(r["seconds_all"]) == 2 for r in rows.values())
+
+
+def test_a_cuda_generation_synchronises_once(monkeypatch):
+    """Timing on CUDA: the generation and every scale are bracketed by events; the host waits once (on the
+    runner's last event) and never synchronises the whole device. Fake events keep a device clock."""
+    from fastvar.accel.stats import FlopDims
+    from fastvar.pipelines.common import PlanRunner
+
+    class Ev:
+        now = done = 0.0
+        waits = 0
+
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = None
+
+        def record(self) -> None:
+            Ev.now += 1.0
+            self.t = Ev.now
+
+        def query(self) -> bool:
+            return self.t <= Ev.done
+
+        def synchronize(self) -> None:
+            Ev.waits += 1
+            Ev.done = max(Ev.done, self.t)
+
+        def elapsed_time(self, end: Ev) -> float:
+            assert self.query() and end.query(), "read before the device reached the event"
+            return (end.t - self.t) * 1000.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Ev)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("device-wide synchronisation"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
+    dev = torch.device("cuda")
+
+    class Model:
+        depth, device, hooks = 1, dev, IDENTITY
+
+        def flop_dims(self) -> FlopDims:
+            return FlopDims(width=4, ffn_hidden=8, branches=("attn",))
+
+    sizes = [(1, 1), (2, 2), (3, 3)]
+    eng = Engine(depth=1)
+
+    def generation() -> str:
+        eng.begin(sizes, 2, dev)
+        for si, hw in enumerate(sizes):
+            eng.begin_scale(si, hw)
+            eng.branch(0, "attn", torch.zeros(2, hw[0] * hw[1], 4), lambda t, idx: t)
+            eng.end_scale(si)
+        eng.end()
+        return "latent"
+
+    out, secs, stats, _hooks = PlanRunner(Model()).run(generation, eng, 1, sizes)
+    assert out == "latent" and Ev.waits == 1
+    assert secs == pytest.approx(7.0)  # events 1 (start) .. 8 (stop)
+    assert stats["scale_seconds"] == {"0": 1.0, "1": 1.0, "2": 1.0}

@@ -186,7 +186,8 @@ class Recorder:
         """Block seconds per executed scale (CUDA: waits for the last scale's event if it has not completed)."""
         if self._events:
             last = max(self._events)
-            self._events[last][1].synchronize()  # a no-op once the runner has synchronised
+            if not self._events[last][1].query():  # done once the runner has synchronised: no second wait
+                self._events[last][1].synchronize()
             for si, (a, b) in sorted(self._events.items()):
                 self._scale_seconds[si] = a.elapsed_time(b) / 1000.0
             self._events = {}
