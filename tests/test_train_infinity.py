@@ -223,3 +223,21 @@ def test_train_infinity_on_a_jsonl_folder(tmp_path, tiny_bsq):
     meta = json.loads((ck.find_latest(out) / "meta.json").read_text())
     assert meta["step"] == 1
     assert ck.load_checkpoint(ck.find_latest(out))[0]["fingerprint"]["data"] == "jsonl"
+
+
+def test_compact_checkpoint_resumes(tmp_path, tiny_bsq):
+    """The committed (bf16) resume point: half the bytes, same step, and training continues from it."""
+    from fastvar.train.infinity_train import compact_checkpoint
+
+    run = tmp_path / "run"
+    train_infinity(dict(TINY_INF, out=str(run), bsq=str(tiny_bsq), steps=1, ckpt_every=1))
+    before = _weights(run)
+    size = sum(f.stat().st_size for f in ck.find_latest(run).glob("model*.safetensors"))
+    compact_checkpoint(run)
+    after = _weights(run)
+    assert sum(f.stat().st_size for f in ck.find_latest(run).glob("model*.safetensors")) < 0.6 * size
+    for k, v in before.items():
+        assert after[k].dtype == torch.bfloat16 and torch.allclose(after[k].float(), v, rtol=1e-2, atol=1e-3), k
+    train_infinity(dict(TINY_INF, out=str(run), bsq=str(tiny_bsq), steps=2, ckpt_every=1))
+    assert json.loads((run / "latest.json").read_text())["step"] == 2
+    assert _weights(run)["model/gpt.head.weight"].dtype == torch.float32

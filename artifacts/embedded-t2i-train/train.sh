@@ -33,13 +33,18 @@ print(json.dumps(recon_report(v, tuple(tuple(s) for s in i['schedule']), n=${SAM
       --threads "$THREADS" --depth 6 --embed-dim 256 --num-heads 4 --t5-d-model 128 --t5-layers 2 --t5-heads 4 \
       --t5-d-ff 256 --text-maxlen 32 --text-mode joint --bsc-rate 0.3 --bsc-mode uniform --cond-drop-rate 0.1 \
       --batch-size 8 --steps ${INF_STEPS:-20000} --lr 5e-4 --warmup ${INF_WARMUP:-50} --ema 0.999 --ckpt-every 25 --log-every 5 --keep-last 1 ;;
+  compact)  # before committing: latest Infinity checkpoint's weights + EMA in bf16 (~45 MB instead of ~90 MB)
+    python -c "from fastvar.train.infinity_train import compact_checkpoint; print(compact_checkpoint('$A/infinity'))" ;;
   export)
     python -c "from fastvar.train.infinity_train import export_t2i; print(export_t2i('$A/infinity', '$A/bsq-frozen.safetensors', 'src/fastvar/assets'))" ;;
-  gates)  # GenEval (procedural detector) on the shipped prompt file, 4 samples per prompt, held-out seed
+  gates)  # GenEval (procedural detector) on the shipped prompt file, 4 samples per prompt, held-out seed;
+          # PRESET=fastvar adds the accelerated run (same seeds) and writes benchmarks/embedded_t2i_gates_<preset>.json
     G=${GATES_DIR:-/tmp/embedded-t2i-gates}
+    P=${PRESET:-}
     fastvar eval generate --model embedded-t2i --device cpu --prompts-file src/fastvar/assets/geneval_procedural_t2i.jsonl \
-      --samples-per-prompt 4 --seed ${SEED:-20261202} --out $G --quiet
-    fastvar eval geneval --images $G --detector procedural --device cpu --json benchmarks/embedded_t2i_gates.json ;;
+      --samples-per-prompt 4 --seed ${SEED:-20261202} --out $G${P:+-$P} ${P:+--preset $P} --quiet
+    fastvar eval geneval --images $G${P:+-$P} --detector procedural --device cpu \
+      --json benchmarks/embedded_t2i_gates${P:+_$P}.json ;;
   *)
-    echo "usage: $0 bsq|freeze|recon|infinity|export|gates" >&2; exit 2 ;;
+    echo "usage: $0 bsq|freeze|recon|infinity|compact|export|gates" >&2; exit 2 ;;
 esac
