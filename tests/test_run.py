@@ -136,7 +136,8 @@ def test_unknown_preset_fails_before_anything_runs(var_pipe):
     pipe = _StubPipe()
     pipe.model = var_pipe.model
     with pytest.raises(UsageError, match="unknown preset"):
-        run_plans(pipe, [0], [("ok", None), ("bad", "warp-drive")])
+        run_plans(pipe, [0], [("ok", None), ("cached", AccelPlan(name="c", cache=get_cache_preset("original"))),
+                              ("bad", "warp-drive")])
     assert pipe.calls == []
 
 

@@ -73,6 +73,17 @@ def needs_calibration(plan: AccelPlan | None) -> bool:
     return c is not None and not c.calibration and c.sim_path is None and bool(c.skip_stages)
 
 
+def resolve_plan(model, plan: RunPlan) -> AccelPlan | Hooks:
+    """``plan`` as a plan or hooks object for ``model`` (IDENTITY for None / "none", a preset name resolved
+    for the model's family, schedule and depth); a one-line error for anything else, before anything runs."""
+    if isinstance(plan, Hooks):
+        return plan
+    if plan is None or plan == "none":
+        return IDENTITY
+    validate.plan(plan, "plan")
+    return preset_for_model(plan, model) if isinstance(plan, str) else plan
+
+
 def prepare_hooks(model, plan: RunPlan, calibrate: Callable[[Hooks], Any] | None = None,
                   log: Callable[[str], None] | None = None, name: str | None = None) -> Hooks:
     """The hooks ``plan`` runs under on ``model`` (see the module docstring).
@@ -83,15 +94,9 @@ def prepare_hooks(model, plan: RunPlan, calibrate: Callable[[Hooks], Any] | None
     """
     from ..accel.caching import CachePolicy
 
+    plan = resolve_plan(model, plan)
     if isinstance(plan, Hooks):
         return plan
-    if plan is None or plan == "none":
-        return IDENTITY
-    if isinstance(plan, str):
-        validate.plan(plan, "plan")
-        plan = preset_for_model(plan, model)
-    if not isinstance(plan, AccelPlan):
-        validate.plan(plan, "plan")  # the one-line message for anything else
     similarity = None
     if calibrate is not None and needs_calibration(plan):
         cal = plan_engine(dataclasses.replace(plan, cache=dataclasses.replace(plan.cache, calibration=True)),
@@ -159,8 +164,9 @@ def run_plans(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], 
             latents.append(res.latent)
         return secs, wall, stats, (latents[0] if len(latents) == 1 else torch.cat(latents))
 
+    resolved = [(name, resolve_plan(pipe.model, plan)) for name, plan in plans]  # every name checked first
     results = []
-    for name, plan in plans:
+    for name, plan in resolved:
         hooks = prepare_hooks(pipe.model, plan, calibrate=generate if calibrate else None, log=log, name=name)
         r = PlanResult(str(name), hooks)
         cache = r.policy(CachePolicy)
