@@ -537,7 +537,7 @@ def cmd_bench(args) -> int:
     try:
         threads = torch.get_num_threads()
         rows = run_benchmark(pipe, conds, plans, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                             log=None if args.quiet else (lambda s: print(s, file=sys.stderr)))
+                             log=None if args.quiet else (lambda s: print(s, file=sys.stderr)), clock=args.clock)
     finally:
         torch.set_num_threads(prev_threads)  # in-process callers (tests, notebooks) keep their setting
     print(format_results(rows))
@@ -546,7 +546,7 @@ def cmd_bench(args) -> int:
 
         meta = {"model": spec.name, "resolution": spec.resolution, "random_init": args.random_init,
                 "device": str(pipe.device), "dtype": args.dtype, "batch": len(conds), "threads": threads,
-                "repeats": args.repeats}
+                "repeats": args.repeats, "clock": args.clock}
         atomic_write_text(json.dumps([{**r, **meta} for r in rows], indent=2), Path(args.json))
     return 0
 
@@ -665,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=cli_int, default=1, help="images per generation (CFG doubles it)")
     b.add_argument("--classes", type=cli_int, nargs="+", default=None)
     b.add_argument("--seed", type=cli_int, default=0)
+    b.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time per generation: wall (default) or this process's CPU seconds (a shared, loaded machine)")
     b.add_argument("--threads", type=cli_int, default=None,
                    help="CPU threads for the run (default: torch's, usually every core); recorded in the JSON")
     b.add_argument("--json", default=None, help="write results as a JSON list (baseline first)")

@@ -31,10 +31,11 @@ def psnr_ssim(images: Tensor, ref: Tensor) -> tuple[float, float]:
 
 def run_benchmark(pipe, conditions: Sequence, plans: Sequence[tuple[str, RunPlan]], repeats: int = 3,
                   warmup: int = 1, seed: int | None = 0, sampling: Mapping[str, Any] | None = None,
-                  log: Callable[[str], None] | None = None) -> list[dict]:
-    """``fastvar bench``: :func:`fastvar.eval.run.run_plans`, then :func:`benchmark_rows` (the first plan is the baseline)."""
+                  log: Callable[[str], None] | None = None, clock: str = "wall") -> list[dict]:
+    """``fastvar bench``: :func:`fastvar.eval.run.run_plans`, then :func:`benchmark_rows` (the first plan is the
+    baseline). ``clock``: "wall" or "cpu" (process CPU seconds: for a shared, loaded machine)."""
     results = run_plans(pipe, conditions, plans, repeats=repeats, warmup=warmup, seed=seed, sampling=sampling,
-                        decode=True, log=log)
+                        decode=True, log=log, clock=clock)
     return benchmark_rows(results)
 
 
