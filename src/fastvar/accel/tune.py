@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,40 +181,56 @@ def check_metrics_available(budgets: Sequence[Budget], family: str, model_name: 
 
 
 # ============================================================================================== quality
-def score_images(metrics: Sequence[str], images: Tensor, reference: Tensor, labels: Sequence[Any] | None = None,
-                 lpips_fn: Callable | None = None) -> dict[str, float]:
-    """Mean per-image value of every metric (images (N, 3, H, W) in [0, 1]; ``labels``: class ids for
-    ``accuracy``)."""
+def score_per_image(metrics: Sequence[str], images: Tensor, reference: Tensor, labels: Sequence[Any] | None = None,
+                    lpips_fn: Callable | None = None) -> dict[str, list[float]]:
+    """Every metric's value per image (images (N, 3, H, W) in [0, 1]; ``labels``: class ids for ``accuracy``,
+    whose per-image value is 1 when the checker recognises the requested class)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     x = images.float().clamp(0, 1)
     y = reference.float().clamp(0, 1)
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
     for m in metrics:
         if m == "ssim":
             v = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
             same = (x == y).flatten(1).all(1)
-            out[m] = float(torch.where(same, torch.ones_like(v), v).mean())
+            out[m] = torch.where(same, torch.ones_like(v), v).tolist()
         elif m == "psnr":
             mse = (x - y).pow(2).flatten(1).mean(1)
             p = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-30)), torch.full_like(mse, PSNR_CAP))
-            out[m] = float(p.clamp(max=PSNR_CAP).mean())
+            out[m] = p.clamp(max=PSNR_CAP).tolist()
         elif m == "lpips":
             if lpips_fn is None:
                 from ..eval.metrics import load_lpips
 
                 lpips_fn = load_lpips()
             with torch.no_grad():
-                out[m] = float(lpips_fn(x * 2 - 1, y * 2 - 1).mean())
+                out[m] = lpips_fn(x * 2 - 1, y * 2 - 1).flatten().tolist()
         elif m == "accuracy":
             from ..train.data import classify_batch
 
             if labels is None:
                 raise ValueError("accuracy needs the class labels of the images")
-            pred = classify_batch(x)
-            out[m] = sum(int(p == t) for p, t in zip(pred, labels)) / max(len(pred), 1)
+            out[m] = [float(p == t) for p, t in zip(classify_batch(x), labels)]
         else:
             raise ValueError(f"metric {m!r} is not computed in memory (known: {', '.join(METRICS)})")
+    return out
+
+
+def score_images(metrics: Sequence[str], images: Tensor, reference: Tensor, labels: Sequence[Any] | None = None,
+                 lpips_fn: Callable | None = None) -> dict[str, float]:
+    """Mean per-image value of every metric (see :func:`score_per_image`)."""
+    per = score_per_image(metrics, images, reference, labels, lpips_fn)
+    return {m: sum(v) / max(len(v), 1) for m, v in per.items()}
+
+
+def standard_errors(per_image: dict[str, list[float]]) -> dict[str, float]:
+    """Standard error of each metric's mean over the images (sample std / sqrt(n); 0 for one image)."""
+    out = {}
+    for m, v in per_image.items():
+        n = len(v)
+        mean = sum(v) / max(n, 1)
+        out[m] = math.sqrt(sum((a - mean) ** 2 for a in v) / (n - 1) / n) if n > 1 else 0.0
     return out
 
 
@@ -471,10 +487,11 @@ class Candidate:
     cached: bool = False
     sim_key: str | None = None
     generated: bool = False  # this evaluation ran generations (not read back, not the baseline itself)
+    quality_se: dict[str, float] = field(default_factory=dict)  # standard error of each mean over the images
 
     def to_dict(self) -> dict:
         return {"id": self.id, "source": self.source, "plan": self.plan.to_dict() if self.plan else None,
-                "point": self.point, "quality": self.quality, "meets_budget": self.meets,
+                "point": self.point, "quality": self.quality, "quality_se": self.quality_se, "meets_budget": self.meets,
                 "speedup_est": self.speedup_est, "flop_ratio": self.flop_ratio,
                 "seconds_single_run": self.seconds, "seconds_est": self.seconds_est,
                 "speedup": self.speedup_measured, "reused_from_state": self.cached}
@@ -505,7 +522,7 @@ class Tuner:
                  presets: Sequence[str] = (), repeats: int = 3, warmup: int = 1, finalists: int = 3,
                  max_evals: int = 80, time_limit_s: float | None = None, n_scales: int | None = None,
                  log: Callable[[str], None] | None = None, context: dict | None = None, time_all_presets: bool = False,
-                 margin: float = 0.0, clock: str = "wall",
+                 margin: float = 0.0, clock: str = "wall", confidence: float = 1.0,
                  on_candidate: Callable[[Candidate], None] | None = None, lpips_fn: Callable | None = None) -> None:
         if not budgets:
             raise UsageError("tune needs at least one budget, e.g. --budget ssim>=0.95")
@@ -522,6 +539,7 @@ class Tuner:
         self.n_scales = n_scales
         self.time_all_presets = time_all_presets
         self.margin = float(margin)
+        self.confidence = float(confidence)
         if clock not in ("wall", "cpu"):
             raise UsageError(f"clock={clock!r}: unknown clock; use 'wall' or 'cpu'")
         self.clock = clock
@@ -646,22 +664,27 @@ class Tuner:
         cached, generated = rec is not None, False
         if plan is None or plan.is_identity:  # computes exactly the baseline: nothing to generate
             quality, seconds, cached = dict(base_q), self.cost.total_seconds * len(self.calib.seeds), False
+            se = {m: 0.0 for m in self.metrics}
         elif cached:
             quality, seconds = rec["quality"], rec["seconds"]
+            se = rec.get("quality_se") or {m: 0.0 for m in self.metrics}
             self.reused += 1
         else:
             base_imgs, _ = self.baseline(self.calib)
             imgs, seconds, stats = self._run(self._engine(plan, sim), self.calib, decode=True)
-            quality = score_images(self.metrics, imgs, base_imgs, self.calib.labels(), self.lpips_fn)
+            per = score_per_image(self.metrics, imgs, base_imgs, self.calib.labels(), self.lpips_fn)
+            quality = {m: sum(v) / len(v) for m, v in per.items()}
+            se = standard_errors(per)
             rec = {"type": "candidate", "key": key, "source": source, "plan": _plan_identity(plan),
-                   "quality": quality, "seconds": seconds, "flops": sum(s.get("total_flops", 0) for s in stats)}
+                   "quality": quality, "quality_se": se, "per_image": per, "seconds": seconds,
+                   "flops": sum(s.get("total_flops", 0) for s in stats)}
             self.state.append(rec)
             self.generated += 1
             generated = True
-        meets = self.meets(quality, base_q)
+        meets = self.meets(quality, base_q, se)
         c = Candidate(len(self.candidates), key, source, plan, dict(point) if point else None, quality, meets, seconds,
                       est["flop_ratio"], est["speedup_est"], est["seconds_est"], cached=cached, sim_key=sim_key,
-                      generated=generated)
+                      generated=generated, quality_se=se)
         self.candidates.append(c)
         self._by_key[key] = c
         q = " ".join(f"{m} {quality[m]:.4f}" for m in self.metrics)
@@ -671,9 +694,13 @@ class Tuner:
             self.on_candidate(c)
         return c
 
-    def meets(self, q: dict[str, float], base_q: dict[str, float]) -> bool:
-        """Every budget holds with ``margin`` to spare (in each metric's units) on the calibration set."""
-        return all(b.slack(q, base_q) >= self.margin - 1e-12 for b in self.budgets)
+    def meets(self, q: dict[str, float], base_q: dict[str, float], se: dict[str, float] | None = None) -> bool:
+        """Every budget holds on the calibration set with ``confidence`` standard errors of its mean (over the
+        images) and ``margin`` (metric units) to spare: the mean of a few images overstates what other
+        conditions get about as often as it understates it, so a plan on the edge misses half the time."""
+        se = se or {}
+        return all(b.slack(q, base_q) - self.confidence * se.get(b.metric, 0.0) >= self.margin - 1e-12
+                   for b in self.budgets)
 
     def slack(self, c: Candidate) -> float:
         """Budget slack left, normalised by the baseline's (1 = baseline, 0 = on the budget, < 0 = missed)."""
@@ -681,7 +708,7 @@ class Tuner:
         out = math.inf
         for b in self.budgets:
             s0 = b.slack(base_q, base_q)
-            v = b.slack(c.quality, base_q)
+            v = b.slack(c.quality, base_q) - self.confidence * c.quality_se.get(b.metric, 0.0)
             out = min(out, v / s0 if s0 > 0 else (0.0 if v >= -1e-12 else -math.inf))
         return out
 
@@ -1129,11 +1156,13 @@ class Tuner:
             rec = self.state.find("heldout", key)
             if rec is None:
                 imgs, secs, _ = self._run(self._engine(c.plan, self.similarity.get(c.sim_key)), cs, decode=True)
-                q = score_images(self.metrics, imgs, base_imgs, cs.labels(), self.lpips_fn)
-                rec = {"type": "heldout", "key": key, "quality": q}
+                per = score_per_image(self.metrics, imgs, base_imgs, cs.labels(), self.lpips_fn)
+                rec = {"type": "heldout", "key": key, "quality": {m: sum(v) / len(v) for m, v in per.items()},
+                       "quality_se": standard_errors(per), "per_image": per}
                 self.state.append(rec)
             meets = all(b.holds(rec["quality"], base_q) for b in self.budgets)
-            rows[name] = {"quality": rec["quality"], "meets_budget": meets, "flop_ratio": c.flop_ratio,
+            rows[name] = {"quality": rec["quality"], "quality_se": rec.get("quality_se"), "meets_budget": meets,
+                          "flop_ratio": c.flop_ratio,
                           "speedup_est": c.speedup_est, "candidate": c.id, "speedup": None, "seconds": None}
             # timed: the tuned plan and the presets that meet the budget here (the ones it must beat)
             if name == "tuned" or meets or self.time_all_presets:
@@ -1157,6 +1186,7 @@ class Tuner:
             "format": FORMAT,
             "budget": [b.to_dict() for b in self.budgets],
             "margin": self.margin,
+            "confidence": self.confidence,
             "primary_metric": self.primary.metric,
             "context": self.context,
             "calibration": self.calib.to_dict(),
@@ -1182,7 +1212,8 @@ class Tuner:
         if chosen is not None:
             out["chosen"] = {"candidate": chosen.id, "source": chosen.source,
                              "plan": chosen.plan.to_dict() if chosen.plan else None,
-                             "calibration": {"quality": chosen.quality, "speedup": chosen.speedup_measured,
+                             "calibration": {"quality": chosen.quality, "quality_se": chosen.quality_se,
+                                             "speedup": chosen.speedup_measured,
                                              "speedup_est": chosen.speedup_est, "flop_ratio": chosen.flop_ratio,
                                              "meets_budget": chosen.meets}}
             if heldout is not None and "tuned" in heldout["rows"]:
@@ -1343,6 +1374,9 @@ def add_tune_parser(subparsers) -> None:
     t.add_argument("--margin", type=cli_float, default=0.0,
                    help="search with this much slack kept in every budget (metric units, e.g. 0.005 for SSIM): "
                         "calibration sets are small, a margin makes the held-out check likelier to pass")
+    t.add_argument("--confidence", type=cli_float, default=1.0, metavar="Z",
+                   help="a candidate meets the budget when its calibration mean minus Z standard errors (over the "
+                        "images) does (default 1; 0 = the mean alone)")
     t.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="what the final timing measures: the pipeline's wall time, or this process's CPU time "
                         "(steadier on a CPU shared with other jobs; both are recorded)")
@@ -1407,6 +1441,7 @@ def check_tune_args(args, spec) -> tuple[list[Budget], CondSet, CondSet | None, 
     validate.int_at_least(args.warmup, "--warmup", 0, "untimed rounds")
     validate.int_at_least(args.finalists, "--finalists", 1, "candidates timed at the end", 3)
     validate.number_in(args.margin, "--margin", 0.0, None, meaning="slack kept in every budget", example="0.005")
+    validate.number_in(args.confidence, "--confidence", 0.0, None, meaning="standard errors of the mean", example="1")
     if args.scales is not None:
         validate.int_at_least(args.scales, "--scales", 1, "tuned scales", 4)
     if args.time_limit is not None:
@@ -1442,7 +1477,7 @@ def cmd_tune(args) -> int:
                   finalists=args.finalists, max_evals=args.max_evals,
                   time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit, n_scales=args.scales,
                   log=log, context=ctx, time_all_presets=args.time_all_presets, margin=args.margin,
-                  clock=args.clock)
+                  clock=args.clock, confidence=args.confidence)
     report = tuner.run()
     prog = Path(sys.argv[0]).name if sys.argv else ""
     report["command"] = " ".join(["fastvar", *sys.argv[1:]]) if prog in ("fastvar", "__main__.py") else None
