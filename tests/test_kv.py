@@ -11,6 +11,7 @@ import torch
 
 from fastvar.accel import AccelPlan, Engine, KVConfig, KVPolicy, PlanError, get_preset
 from fastvar.accel.kv import budget_table, calibrate_drafters
+from fastvar.accel.stats import estimate_flops
 from fastvar.layers.attention import KVCache, attend
 from fastvar.pipelines.common import dense_kv
 from fastvar.schedules import Schedule
@@ -75,6 +76,10 @@ def test_baseline_bytes_are_what_the_official_cache_holds(case):
     assert counted == {k: est[k] for k in counted}
     # and the identity hooks (no engine) report the same numbers for the official code
     assert base.stats["kv_bytes"] == res.stats["kv_bytes"] and base.stats["kv_peak_bytes"] == res.stats["kv_peak_bytes"]
+    # with no KV policy the keys each attention read are the running token count the FLOP estimate assumes
+    rec, dims = eng.recorder, pipe.model.flop_dims()
+    assert estimate_flops(rec.counts, rec.sizes, dims, rows, kv_len=rec.kv_len) == estimate_flops(
+        rec.counts, rec.sizes, dims, rows)
 
 
 def test_buffers_are_allocated_smaller_and_the_recorder_counts_them(case, monkeypatch):
@@ -91,6 +96,9 @@ def test_buffers_are_allocated_smaller_and_the_recorder_counts_them(case, monkey
     # the buffers hold exactly the budget: allocated bytes == bytes held at the end == the recorder's peak
     assert small.total() == res.stats["kv_bytes"] == res.stats["kv_peak_bytes"]
     assert full.total() == base.stats["kv_bytes"]
+    # the later scales' attention reads fewer keys: fewer attention FLOPs, the same linear ones
+    ref = pipe(cond, seed=3, decode=False, plan=Engine(depth=depth)).stats
+    assert res.stats["attn_flops"] < ref["attn_flops"] and res.stats["linear_flops"] == ref["linear_flops"]
 
 
 def test_recorder_bytes_equal_a_hand_count():

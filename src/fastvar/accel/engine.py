@@ -120,6 +120,8 @@ class Recorder:
         self.kv_held: dict[tuple[int, int], int] = {}  # (scale, layer) -> bytes the layer's cache holds after it
         self.kv_attended: dict[tuple[int, int], int] = {}  # (scale, layer) -> K/V bytes its attention reads
         self._kv_layer: dict[int, int] = {}  # layer -> bytes held now
+        self.kv_len: dict[tuple[int, int], int] = {}  # (scale, layer) -> keys its attention reads (held + new)
+        self._kv_tokens: dict[int, int] = {}  # layer -> tokens held now
         self.rows: dict[int, int] = {}  # scale -> batch rows really forwarded (B at a conditional-only scale)
         self._events: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
         self._t0 = 0.0
@@ -138,6 +140,9 @@ class Recorder:
         self.kv_bytes[key] = self.kv_bytes.get(key, 0) + kept
         self._kv_layer[layer] = held + kept
         self.kv_held[key] = held + kept
+        t = self._kv_tokens.get(layer, 0)
+        self.kv_len[key] = t + k_in.shape[2]
+        self._kv_tokens[layer] = t + k.shape[2]
 
     def kv_summary(self) -> dict:
         """KV bytes of the generation: held at the end, peak held (all layers together, after each scale),

@@ -48,14 +48,17 @@ def dense_counts(sizes: Sequence[tuple[int, int]], depth: int, branches: Iterabl
 
 
 def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int = 1,
-                   rows: Mapping[int, int] | None = None) -> dict:
+                   rows: Mapping[int, int] | None = None, kv_len: Mapping[tuple[int, int], int] | None = None) -> dict:
     """Attention, linear and total FLOPs of a generation, and per executed scale the FLOPs of its blocks
     (``scale_flops``, scale index -> FLOPs; the head and the tail run outside the blocks and are not in
     it): with the per-scale block times, the throughput that tells a plan's overhead from the hardware's.
 
     ``rows``: scale -> batch rows really forwarded where it differs from ``batch`` (a conditional-only
-    scale forwards B of the 2B CFG rows: its FLOPs, head and tail included, are counted for B rows)."""
+    scale forwards B of the 2B CFG rows: its FLOPs, head and tail included, are counted for B rows).
+    ``kv_len``: (scale, layer) -> keys its self-attention really read (the recorder's, where a KV policy
+    keeps fewer); otherwise every token appended so far."""
     rows = {} if rows is None else rows
+    kv_len = {} if kv_len is None else kv_len
     C = dims.width
     attn = lin = 0.0
     per_scale: dict[int, float] = defaultdict(float)
@@ -66,7 +69,7 @@ def estimate_flops(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopD
         if b == "attn":
             kv[layer] += n
             f = 2 * n * C * 4 * C
-            a = 4 * n * kv[layer] * C
+            a = 4 * n * kv_len.get((si, layer), kv[layer]) * C
         elif b == "cross":
             f = 2 * n * C * 2 * C
             a = 4 * n * dims.cross_len * C
@@ -112,7 +115,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def generation_stats(counts: Counts, sizes: Sequence[tuple[int, int]], dims: FlopDims, batch: int,
                      scale_seconds: dict[int, float] | None = None, peak_mem_mb: float | None = None,
-                     rows: Mapping[int, int] | None = None) -> dict:
+                     rows: Mapping[int, int] | None = None, kv_len: Mapping[tuple[int, int], int] | None = None) -> dict:
     """Everything a user asks after a generation, as one JSON-able dict.
 
     Token counts are per sequence (a plan's token budget); ``rows_per_scale`` says how many batch rows
@@ -123,7 +126,7 @@ def generation_stats(counts: Counts, sizes: Sequence[tuple[int, int]], dims: Flo
     per_scale = tokens_per_scale(counts)
     total_in = sum(v["in"] for v in per_scale.values())
     total_c = sum(v["computed"] for v in per_scale.values())
-    flops = estimate_flops(counts, sizes, dims, batch, rows)
+    flops = estimate_flops(counts, sizes, dims, batch, rows, kv_len)
     row_c = sum(v["computed"] * rows.get(si, batch) for si, v in per_scale.items())
     return {
         "sizes": [list(s) for s in sizes],

@@ -107,12 +107,12 @@ class PlanRunner:
         if isinstance(hooks, Engine):
             rec = hooks.recorder
             counts, sizes, scale_s = rec.counts, rec.sizes, rec.scale_seconds
-            kv = rec.kv_summary()
+            kv, kv_len = rec.kv_summary(), rec.kv_len
             rows = rec.rows  # B instead of 2B rows at conditional-only scales
         else:
             counts, scale_s = dense_counts(sizes, model.depth, dims.branches), {}
-            kv, rows = dense_kv(model, sizes, 2 * batch), None
-        stats = generation_stats(counts, sizes, dims, 2 * batch, scale_s, peak_memory_mb(dev), rows)
+            kv, rows, kv_len = dense_kv(model, sizes, 2 * batch), None, None
+        stats = generation_stats(counts, sizes, dims, 2 * batch, scale_s, peak_memory_mb(dev), rows, kv_len)
         stats["plan"] = getattr(getattr(hooks, "plan", None), "name", "none") if hooks is not IDENTITY else "none"
         stats["seconds"] = secs
         stats.update(kv)  # kv_bytes: K/V held by the caches at the end; kv_peak_bytes: most held at once
