@@ -251,3 +251,13 @@ def test_kv_compress_resolves_on_every_family(family, schedule):
     assert held * 3 < sum(tokens) * 12  # at least 3x fewer K/V tokens held on every schedule
     with pytest.raises(PlanError, match="at least 4 scales"):
         get_preset("kv-compress", family, depth=12, schedule=[(1, 1), (2, 2), (4, 4)])
+
+
+def test_compare_configs_reports_kv_memory():
+    from fastvar.eval.compare import compare_configs, format_compare
+
+    pipe, cond = _tiny("var")
+    rows = compare_configs(pipe, cond, ["kv-compress"], seed=0, repeats=1, warmup=0)
+    assert [r["config"] for r in rows] == ["baseline", "kv-compress"]
+    assert 0 < rows[1]["kv_mem_mb"] < rows[0]["kv_mem_mb"]
+    assert "kvMB" in format_compare(rows).splitlines()[0]

@@ -49,7 +49,8 @@ def resolve_config(config: Config, model) -> AccelPlan | None:
 
 def compare_configs(pipe, classes: Sequence[int], configs: Sequence[Config | tuple[str, Config]], seed: int = 0,
                     repeats: int = 1, warmup: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Rows (baseline first): config, seconds, speedup, peak_mem_mb, cache_mem_mb, psnr, ssim, hit_rate.
+    """Rows (baseline first): config, seconds, speedup, peak_mem_mb, cache_mem_mb, psnr, ssim, hit_rate,
+    tokens_forwarded, kv_mem_mb (most K/V bytes the attention caches held at once, exact tensor sizes).
 
     The runs are :func:`fastvar.eval.run.run_plans` (each plan's one engine, caching plans calibrated
     first). ``seconds`` is the median over ``repeats`` of the transformer time (decoding excluded: its
@@ -78,17 +79,20 @@ def compare_configs(pipe, classes: Sequence[int], configs: Sequence[Config | tup
             "ssim": ssim,
             "hit_rate": cache.statistics()["hit_rate"] if cache is not None else 0.0,
             "tokens_forwarded": r.stats.get("tokens_forwarded"),
+            "kv_mem_mb": None if r.stats.get("kv_peak_bytes") is None else r.stats["kv_peak_bytes"] / 2**20,
         })
     return rows
 
 
 def format_compare(rows: list[dict]) -> str:
-    lines = [f"{'config':<22}{'sec':>9}{'speedup':>9}{'peakMB':>9}{'cacheMB':>9}{'PSNR':>8}{'SSIM':>7}{'hits':>6}"]
+    lines = [f"{'config':<22}{'sec':>9}{'speedup':>9}{'peakMB':>9}{'cacheMB':>9}{'PSNR':>8}{'SSIM':>7}{'hits':>6}"
+             f"{'kvMB':>9}"]
     for r in rows:
         psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
         peak = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"{r['config']:<22}{r['seconds']:>9.3f}{r['speedup']:>9.2f}{peak:>9}{r['cache_mem_mb']:>9.2f}"
-                     f"{psnr:>8}{r['ssim']:>7.3f}{r['hit_rate']:>6.2f}")
+                     f"{psnr:>8}{r['ssim']:>7.3f}{r['hit_rate']:>6.2f}"
+                     f"{'' if r.get('kv_mem_mb') is None else format(r['kv_mem_mb'], '9.2f'):>9}")
     return "\n".join(lines)
 
 
