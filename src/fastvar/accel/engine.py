@@ -18,8 +18,10 @@ Dispatch rules (the contract between policies):
   which counts the tokens it really computes. After the chain every policy sees the final output in
   ``branch_output`` (pruning stores its restore cache there, whichever policy produced the output).
 - ``kv_tokens``: per scale and layer, each policy may lower the number of tokens appended.
-- ``kv_append``: each policy in order may keep a subset of what the previous one kept; the recorder
-  counts the bytes kept per (scale, layer).
+- ``kv_append``: each policy in order may keep a subset of what the previous one kept (the backbone
+  also passes its queries, attention scale and the keys held so far, for attention-based scores); the
+  recorder counts the bytes kept and held per (scale, layer), the K/V each attention read and its key
+  count (the FLOP estimate's), from tensor sizes.
 - ``cond_only``: True from the first scale any policy asks for it (then for every later scale: the
   backbone has dropped the unconditional rows); the recorder counts B rows instead of 2B from there.
 - ``guidance``: a chain like ``branch``; the innermost call is the backbone's official arithmetic (or,
