@@ -244,3 +244,17 @@ def test_hart_diffusion_head_size_reaches_the_pipeline(monkeypatch):
         main(["bench", "--model", "hart", "--random-init", "--width", "64", "--diff-width", "128", "--diff-depth", "2",
               "--quiet"])
     assert seen["random_init"] and seen["diff_width"] == 128 and seen["diff_depth"] == 2 and seen["embed_dim"] == 64
+
+
+def test_generate_compare_configs_end_to_end(tiny_pipeline, tmp_path, capsys):
+    """--compare-configs through the run primitive: baseline first, a caching config calibrated on the same
+    classes (hit rate from its cache policy), a pruning preset with its restore cache counted, chart and JSON."""
+    out, js = tmp_path / "o", tmp_path / "cmp.json"
+    assert main(["generate", "--model", "var-d16", "--classes", "1", "2", "--compare-configs", "original", "fastvar",
+                 "--json", str(js), "--out", str(out), "--quiet"]) == 0
+    rows = {r["config"]: r for r in json.loads(js.read_text())}
+    assert list(rows) == ["baseline", "original", "fastvar"]
+    assert rows["baseline"]["speedup"] == 1.0 and rows["baseline"]["psnr"] is None
+    assert rows["original"]["cache_mem_mb"] > 0 and rows["fastvar"]["cache_mem_mb"] > 0
+    assert rows["fastvar"]["hit_rate"] == 0.0 and rows["fastvar"]["tokens_forwarded"] < rows["baseline"]["tokens_forwarded"]
+    assert "original" in capsys.readouterr().out and (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
