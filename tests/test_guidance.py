@@ -289,3 +289,18 @@ def test_cli_check_embedded_takes_a_plan_and_plan_prints_the_guidance_field(tmp_
     assert json.loads(capsys.readouterr().out)["guidance"]["cond_only_from"] == "#-2"
     assert main(["plan", "--list"]) == 0
     assert "cfg-cut" in capsys.readouterr().out
+
+
+def test_pruned_scale_after_the_cut_restores_from_a_both_halves_cache(case):
+    # the restore cache is filled at a scale that forwarded both CFG halves; the pruned scale after the cut
+    # forwards the conditional half only and must restore from the cache's conditional rows
+    from fastvar.accel.pruning import plan_policies
+
+    family, pipe, cond, base = case
+    n = _n(base)
+    plan = AccelPlan(name="p", keep={f"#{n - 1}": 0.5}, cache_scale=f"#{n - 2}")
+    ref = _run(pipe, cond, *plan_policies(plan), BothHalves(cond_only_from=f"#{n - 1}"))
+    real = _run(pipe, cond, *plan_policies(plan), GuidancePolicy(cond_only_from=f"#{n - 1}"))
+    tol = 1e-4 if family == "hart" else 0.0
+    torch.testing.assert_close(real.latent, ref.latent, rtol=0, atol=tol)
+    assert real.stats["rows_per_scale"][str(n - 1)] == len(cond)

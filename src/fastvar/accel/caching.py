@@ -265,7 +265,7 @@ class CachePolicy(Policy):
             out = inner(x, idx)
         elif self.config.calibration:
             out = inner(x, idx)
-            sim = cosine_similarity(out, self._resized(slot))
+            sim = cosine_similarity(out, self._resized(slot, out.shape[0]))
             self.similarity.add(layer, self.tokens[si], name, slot.stage, sim)
             self.run_similarity[(si, layer, name)] = sim
             self.lookups[name][layer] += 1
@@ -285,13 +285,15 @@ class CachePolicy(Policy):
         if not reuse:
             return inner(x, idx)
         self.hits[name][layer] += 1
-        return self._resized(slot)
+        return self._resized(slot, x.shape[0])
 
-    def _resized(self, slot: _Slot) -> Tensor:
+    def _resized(self, slot: _Slot, rows: int) -> Tensor:
+        """The slot at the current scale's size, for the ``rows`` batch rows forwarded now (a slot stored before a
+        guidance cut holds both CFG halves; the conditional half is its first rows, the ones still forwarded)."""
         hw = self.engine.hw
+        t = slot.tensor[:rows]
         if slot.hw == hw:
-            return slot.tensor.clone()  # never hand out the slot itself: a backbone may modify outputs in place
-        t = slot.tensor
+            return t.clone()  # never hand out the slot itself: a backbone may modify outputs in place
         work = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         return resize_tokens(work.contiguous(), slot.hw, hw, self.config.interpolation_mode).to(t.dtype)
 

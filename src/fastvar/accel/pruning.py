@@ -114,7 +114,9 @@ class PrunePolicy(Policy):
         # gather / scatter_ along dim 1 with an expanded index, several times faster on CPU
         rows = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * L).reshape(-1)
         y = inner(x.reshape(B * L, C).index_select(0, rows).view(B, n_keep, C), idx)
-        base = resize_tokens(self.cache[(layer, name)], self.cache_hw, hw, r.interp).to(y.dtype)
+        # A restore cache filled before a guidance cut holds both CFG halves; the rows forwarded now are its
+        # first (conditional) ones.
+        base = resize_tokens(self.cache[(layer, name)][:B], self.cache_hw, hw, r.interp).to(y.dtype)
         out = base.reshape(B * L, C).index_copy_(0, rows, y.reshape(B * n_keep, C)).view(B, L, C)
         if self.record:
             self.kept[(si, layer, name)] = idx
