@@ -241,3 +241,7 @@ def test_compact_checkpoint_resumes(tmp_path, tiny_bsq):
     train_infinity(dict(TINY_INF, out=str(run), bsq=str(tiny_bsq), steps=2, ckpt_every=1))
     assert json.loads((run / "latest.json").read_text())["step"] == 2
     assert _weights(run)["model/gpt.head.weight"].dtype == torch.float32
+    compact_checkpoint(run, drop_optimizer=True)
+    assert "optim" not in ck.load_checkpoint(ck.find_latest(run))[1]
+    train_infinity(dict(TINY_INF, out=str(run), bsq=str(tiny_bsq), steps=3, ckpt_every=1))
+    assert json.loads((run / "latest.json").read_text())["step"] == 3

@@ -33,8 +33,8 @@ print(json.dumps(recon_report(v, tuple(tuple(s) for s in i['schedule']), n=${SAM
       --threads "$THREADS" --depth 6 --embed-dim 256 --num-heads 4 --t5-d-model 128 --t5-layers 2 --t5-heads 4 \
       --t5-d-ff 256 --text-maxlen 32 --text-mode joint --bsc-rate 0.3 --bsc-mode uniform --cond-drop-rate 0.1 \
       --batch-size 8 --steps ${INF_STEPS:-20000} --lr 5e-4 --warmup ${INF_WARMUP:-50} --ema 0.999 --ckpt-every 25 --log-every 5 --keep-last 1 ;;
-  compact)  # before committing: latest Infinity checkpoint's weights + EMA in bf16 (~45 MB instead of ~90 MB)
-    python -c "from fastvar.train.infinity_train import compact_checkpoint; print(compact_checkpoint('$A/infinity'))" ;;
+  compact)  # before committing: latest Infinity checkpoint's weights + EMA in bf16, AdamW moments left out (~30 MB, not ~90)
+    python -c "from fastvar.train.infinity_train import compact_checkpoint; print(compact_checkpoint('$A/infinity', drop_optimizer=True))" ;;
   export)
     python -c "from fastvar.train.infinity_train import export_t2i; print(export_t2i('$A/infinity', '$A/bsq-frozen.safetensors', 'src/fastvar/assets'))" ;;
   gates)  # GenEval (procedural detector) on the shipped prompt file, 4 samples per prompt, held-out seed;

@@ -525,12 +525,14 @@ def export_t2i(run: str | Path, bsq: str | Path, folder: str | Path, prefer_ema:
     return save_embedded_t2i(folder, out, enc, vae, model.gpt, dtype=dtype)
 
 
-def compact_checkpoint(run: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def compact_checkpoint(run: str | Path, dtype: torch.dtype = torch.bfloat16, drop_optimizer: bool = False) -> Path:
     """Rewrite a run's latest checkpoint with the model and EMA weights in ``dtype`` (in place, same step).
 
     Why: a committed resume point of the 7.4 M-parameter model is ~90 MB in float32 (weights + EMA +
     moments); in bfloat16 it is half that. Resuming from it continues at the same step (the fp32 master
     weights are re-created from the rounded ones), so it is not bit-identical to an uninterrupted run.
+    ``drop_optimizer`` also leaves out the AdamW moments (~30 MB here): a resume then restarts them from
+    zero (bias-corrected, as at step 0) while the step count and the LR schedule continue.
     """
     p = Path(run)
     cdir = ck.find_latest(p)
@@ -540,7 +542,9 @@ def compact_checkpoint(run: str | Path, dtype: torch.dtype = torch.bfloat16) -> 
     fingerprint, step = meta.pop("fingerprint"), int(meta.pop("step"))
     meta.pop("files", None)
     small = {g: {k: (v.to(dtype) if g in ("model", "ema") and v.is_floating_point() else v) for k, v in t.items()}
-             for g, t in groups.items()}
+             for g, t in groups.items() if not (drop_optimizer and g == "optim")}
+    if drop_optimizer:
+        meta["optimizer"] = dict(meta["optimizer"], scalars={})
     return ck.save_checkpoint(p, step, small, dict(meta, compact=str(dtype).removeprefix("torch.")), fingerprint,
                               keep_last=1)
 
