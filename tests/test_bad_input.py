@@ -114,7 +114,7 @@ def test_out_of_range_values(argv, needles, tmp_path, capsys, no_loading):
         (["train", "var", "--out", "o", "--steps", "1e3"], ["argument --steps", "not a whole number"]),
         (["generate", "--dtype", "fp8"], ["argument --dtype", "invalid choice"]),
         (["generate", "--no-such-flag"], ["unrecognized arguments: --no-such-flag", "fastvar --help"]),
-        (["train"], ["required", "{vqvae,var}"]),
+        (["train"], ["required", "{vqvae,var,bsq,infinity}"]),
         (["train", "var"], ["required: --out"]),
     ],
 )
