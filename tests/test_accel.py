@@ -11,28 +11,16 @@ import torch.nn.functional as F
 import fastvar
 from fastvar.accel import AccelPlan, PlanError, PlanHooks, get_preset
 from fastvar.accel.pruning import pivotal_indices
-from fastvar.models.var import VAR
-from fastvar.pipelines.var import VARPipeline
 from fastvar.schedules import Schedule
+
+from ._tiny_var import tiny_var_pipe
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    from fastvar.tokenizers.vqvae import VQVAE
-
-    torch.manual_seed(0)
-    model = VAR(vocab_size=64, cvae=8, num_classes=5, depth=4, embed_dim=64, num_heads=2, patch_nums=PATCH_NUMS)
-    model.init_weights()
-    with torch.no_grad():  # the trainable init has near-zero AdaLN gains: make every branch matter
-        for blk in model.blocks:
-            blk.ada_lin[-1].weight.normal_(0, 0.05)
-            blk.ada_lin[-1].bias.normal_(0, 0.3)
-        model.head.weight.mul_(20)
-    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=PATCH_NUMS, using_sa=False,
-                using_mid_sa=False)
-    return VARPipeline(model.eval(), vae.eval(), "tiny", defaults=dict(cfg=2.0, top_k=10, top_p=0.9))
+    return tiny_var_pipe(PATCH_NUMS)
 
 
 def test_identity_plan_is_bit_identical(pipe):

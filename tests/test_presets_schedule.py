@@ -12,6 +12,8 @@ from fastvar.accel.stats import FlopDims, estimate_flops
 from fastvar.schedules import VAR_PATCH_NUMS, Schedule
 from fastvar.schedules_infinity import infinity_schedule
 
+from ._tiny_var import tiny_var_pipe
+
 HART_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 
 SCHEDULES: list[tuple[str, str, Schedule]] = [
@@ -175,22 +177,9 @@ def test_turbo_runs_all_its_policies_on_a_tiny_var():
 
     from fastvar.accel.caching import CachePolicy
     from fastvar.eval.run import run_plans
-    from fastvar.models.var import VAR
-    from fastvar.pipelines.var import VARPipeline
-    from fastvar.tokenizers.vqvae import VQVAE
 
-    torch.manual_seed(0)
     sides = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    model = VAR(vocab_size=64, cvae=8, num_classes=5, depth=4, embed_dim=64, num_heads=2, patch_nums=sides)
-    model.init_weights()
-    with torch.no_grad():  # the trainable init has near-zero AdaLN gains: make every branch matter
-        for blk in model.blocks:
-            blk.ada_lin[-1].weight.normal_(0, 0.05)
-            blk.ada_lin[-1].bias.normal_(0, 0.3)
-        model.head.weight.mul_(20)
-    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=sides, using_sa=False,
-                using_mid_sa=False)
-    pipe = VARPipeline(model.eval(), vae.eval(), "tiny", defaults=dict(cfg=2.0, top_k=10, top_p=0.9))
+    pipe = tiny_var_pipe(sides)
     none, turbo = run_plans(pipe, [0, 1, 2], [("none", None), ("turbo", "turbo")], repeats=1, warmup=0, decode=False)
     assert turbo.calibrated and turbo.calibrated > 0
     assert turbo.stats["tokens_forwarded"] < none.stats["tokens_forwarded"]
