@@ -26,7 +26,6 @@ the model in FSDP (shard gradients+optimizer / also parameters) and needs CUDA.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -43,6 +42,7 @@ from .bsq_train import T2ISource, check_data, load_bsq
 from .config import LOOP_DEFAULTS, check_options, loop_config, merged
 from .dist import cleanup, init_distributed
 from .loop import Trainer
+from .var_train import weights_digest
 
 INFINITY_DEFAULTS: dict[str, Any] = dict(
     out=None,
@@ -307,14 +307,6 @@ def t2i_config(d: dict[str, Any], bsq_info: dict[str, Any], vocab_size: int) -> 
                          cond_drop_rate=float(d["cond_drop_rate"])),
     }
     return resolve_config(cfg, vocab_size)
-
-
-def weights_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.no_grad()
