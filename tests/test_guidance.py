@@ -163,6 +163,28 @@ def test_reuse_direction_is_resized_difference():
     assert up.shape == (1, 16, 1) and up.min() == 0 and up.max() == 3
 
 
+@pytest.mark.parametrize("mode", ["direction", "uncond"])
+def test_reuse_shrink_scales_the_reused_direction(mode):
+    """shrink s: the guided result is that of uncond ≈ cond − s·(cond − estimate); s = 1 is the plain reuse."""
+    comb = lambda c, u, t: (1 + t) * c - t * u  # noqa: E731
+    c1, u1, c2 = torch.randn(1, 4, 3), torch.randn(1, 4, 3), torch.randn(1, 16, 3)
+    got = {}
+    for s in (1.0, 0.5, 0.0):
+        eng = Engine([GuidancePolicy(cond_only_from="#2", reuse_uncond=mode, reuse_shrink=s)], depth=1)
+        eng.begin([(1, 1), (2, 2), (4, 4)], 2)
+        eng.begin_scale(1, (2, 2))
+        eng.guidance(1, c1, u1, 2.0, comb)
+        eng.begin_scale(2, (4, 4))
+        got[s] = eng.guidance(2, c2, None, 2.0, comb)
+    kept = (c1 - u1) if mode == "direction" else u1
+    r = resize_token_map(kept, (2, 2), (4, 4))
+    d = r if mode == "direction" else c2 - r
+    torch.testing.assert_close(got[1.0], comb(c2, c2 - d, 2.0))
+    torch.testing.assert_close(got[0.5], comb(c2, c2 - 0.5 * d, 2.0))
+    torch.testing.assert_close(got[0.0], c2)
+    assert not torch.allclose(got[0.5], got[1.0])
+
+
 def test_weights_replace_the_backbone_weight(case):
     _f, pipe, cond, base = case
     n = _n(base)
@@ -219,6 +241,9 @@ def test_plan_field_round_trip():
     q = AccelPlan.from_json(p.to_json())
     assert q == p and json.loads(p.to_json())["guidance"] == d
     assert p.guidance.reuse_mode == "direction"
+    d2 = {**d, "reuse_shrink": 0.5}
+    p2 = AccelPlan(name="g", guidance=d2)
+    assert json.loads(p2.to_json())["guidance"] == d2 and AccelPlan.from_json(p2.to_json()) == p2
 
 
 @pytest.mark.parametrize(
@@ -232,6 +257,9 @@ def test_plan_field_round_trip():
         ({"reuse_uncond": True}, "cond_only_from is not"),
         ({"cond_only_from": "#-2", "reuse_uncond": "maybe"}, "guidance.reuse_uncond"),
         ({"cond_only": "#-2"}, "unknown guidance field"),
+        ({"cond_only_from": "#-2", "reuse_uncond": True, "reuse_shrink": 3}, "guidance.reuse_shrink"),
+        ({"cond_only_from": "#-2", "reuse_uncond": True, "reuse_shrink": "half"}, "guidance.reuse_shrink"),
+        ({"cond_only_from": "#-2", "reuse_shrink": 0.5}, "reuse_uncond is not"),
         (3, "plan field guidance must be an object"),
     ],
 )

@@ -22,7 +22,8 @@ What the policy does, exactly:
   ("uncond"), per guidance site. At a conditional-only scale of size (h, w) it resizes that (B, h'·w', V)
   map to (h, w) (bilinear, align_corners=False; "area" when shrinking) and guides with
   ``uncond ≈ cond − resize(d)`` resp. ``uncond ≈ resize(u)`` through the backbone's own arithmetic and
-  weight, so the late scales keep some guidance without forwarding the unconditional half. A site whose
+  weight, so the late scales keep some guidance without forwarding the unconditional half. ``reuse_shrink``
+  s scales the reused direction (``cond − s·resize(d)``): a shrunk noisy estimate has lower expected error. A site whose
   outputs are not a token map of the scale (HART's text prefill) is never kept; a conditional-only
   scale with nothing kept samples from ``cond``.
 * ``weights``: scale ref -> the guidance weight in the backbone's own units (VAR/HART: ``t`` in
@@ -80,12 +81,14 @@ class GuidancePolicy(Policy):
     order = 30
 
     def __init__(self, weights: Mapping[str, float] | None = None, cond_only_from: str | None = None,
-                 reuse_uncond: bool | str = False, strict: bool = True) -> None:
-        cfg = GuidanceConfig(cond_only_from=cond_only_from, weights=dict(weights or {}), reuse_uncond=reuse_uncond)
+                 reuse_uncond: bool | str = False, strict: bool = True, reuse_shrink: float = 1.0) -> None:
+        cfg = GuidanceConfig(cond_only_from=cond_only_from, weights=dict(weights or {}), reuse_uncond=reuse_uncond,
+                             reuse_shrink=reuse_shrink)
         self.config = cfg
         self.weights = cfg.weights
         self.cond_only_from = cfg.cond_only_from
         self.reuse = cfg.reuse_mode
+        self.shrink = cfg.reuse_shrink
         self.strict = strict
         self._weights: dict[int, float] = {}
         self._cond_only: int | None = None
@@ -94,7 +97,7 @@ class GuidancePolicy(Policy):
 
     @classmethod
     def from_config(cls, cfg: GuidanceConfig, strict: bool = True) -> GuidancePolicy:
-        return cls(cfg.weights, cfg.cond_only_from, cfg.reuse_uncond, strict)
+        return cls(cfg.weights, cfg.cond_only_from, cfg.reuse_uncond, strict, cfg.reuse_shrink)
 
     def _resolve(self, sched: Schedule, ref: str, field: str) -> int | None:
         try:
@@ -149,7 +152,10 @@ class GuidancePolicy(Policy):
             return None
         r = resize_token_map(kept, src, hw).to(cond.dtype)
         self.reused.append((si, site))
-        return cond - r if self.reuse == "direction" else r
+        s = self.shrink
+        if self.reuse == "direction":
+            return cond - r if s == 1.0 else cond - s * r
+        return r if s == 1.0 else cond - s * (cond - r)
 
     def end(self) -> None:
         self._kept = {}

@@ -149,11 +149,16 @@ class GuidanceConfig:
         produced, resized to the current scale (bilinear): ``true`` / "direction" reuses the guidance
         direction cond − uncond (uncond ≈ cond − resize(direction)); "uncond" reuses the unconditional
         logits themselves (uncond ≈ resize(uncond)). ``false``: no guidance at those scales.
+    reuse_shrink: multiplies the reused guidance direction (uncond ≈ cond − s·resize(direction); with
+        "uncond", uncond ≈ cond − s·(cond − resize(uncond))). The kept direction of a smaller scale is a
+        noisy estimate of the current one, and shrinking a noisy estimate towards zero lowers its expected
+        error: on the embedded model s = 0.5 kept more fidelity than 1 (benchmarks/embedded_turbo.json).
     """
 
     cond_only_from: str | None = None
     weights: dict[str, float] = field(default_factory=dict)
     reuse_uncond: bool | str = False
+    reuse_shrink: float = 1.0
 
     def __post_init__(self) -> None:
         if self.cond_only_from is not None:
@@ -171,6 +176,11 @@ class GuidanceConfig:
                 raise PlanError(f"guidance.weights[{k!r}] is {v}; give a finite number")
             w[str(k).strip()] = f
         self.weights = w
+        try:
+            self.reuse_shrink = float(self.reuse_shrink)
+        except (TypeError, ValueError):
+            raise PlanError(f"guidance.reuse_shrink is {self.reuse_shrink!r}; give a number in [0, 1] "
+                            "(1 = the reused direction as kept)") from None
         self.validate()
 
     @property
@@ -194,13 +204,22 @@ class GuidanceConfig:
         if self.reuse_mode is not None and self.cond_only_from is None:
             raise PlanError("guidance.reuse_uncond is set but guidance.cond_only_from is not; name the scale "
                             "from which only the conditional half runs (e.g. \"cond_only_from\": \"#-2\")")
+        if not (math.isfinite(self.reuse_shrink) and 0.0 <= self.reuse_shrink <= 2.0):
+            raise PlanError(f"guidance.reuse_shrink is {self.reuse_shrink}; give a number in [0, 2] "
+                            "(1 = the reused direction as kept, 0.5 = half of it)")
+        if self.reuse_shrink != 1.0 and self.reuse_mode is None:
+            raise PlanError("guidance.reuse_shrink is set but guidance.reuse_uncond is not; set "
+                            "\"reuse_uncond\": \"direction\" (or drop reuse_shrink)")
 
     @property
     def is_identity(self) -> bool:
         return self.cond_only_from is None and not self.weights
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cond_only_from": self.cond_only_from, "weights": dict(self.weights), "reuse_uncond": self.reuse_uncond}
+        d = {"cond_only_from": self.cond_only_from, "weights": dict(self.weights), "reuse_uncond": self.reuse_uncond}
+        if self.reuse_shrink != 1.0:  # omitted at its default: plan files written before the field stay equal
+            d["reuse_shrink"] = self.reuse_shrink
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuidanceConfig:
